@@ -1,0 +1,219 @@
+"""Read checkpoints (HF safetensors directory or GGUF file) into HF-named tensors.
+
+All name mapping happens here (`sanitize_*`), including GGUF's Q/K row permutation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+
+from shardcompute.errors import ModelFormatError
+from shardcompute.model.args import ModelArgs, dummy_args
+from shardcompute.parallel.linear import QuantSpec
+
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+@dataclass
+class Checkpoint:
+    """A model's config and its full tensors under HF names (possibly lazy)."""
+
+    args: ModelArgs
+    tensors: dict[str, mx.array]
+    source: str
+    quant: dict[str, QuantSpec] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.quant = quant_map(self.tensors, self.args, self.source)
+
+    @property
+    def quant_group(self) -> int:
+        """The split unit that keeps every quantized tensor whole per group (1 if none)."""
+        groups = {q.group_size for q in self.quant.values()}
+        return max(groups) if groups else 1
+
+
+def in_features(prefix: str, args: ModelArgs) -> int:
+    """The full input width of the linear/embedding module at `prefix`."""
+    if prefix.endswith("o_proj"):
+        return args.num_attention_heads * args.head_dim
+    if prefix.endswith("down_proj"):
+        return args.intermediate_size
+    return args.hidden_size
+
+
+def quant_map(tensors: dict[str, mx.array], args: ModelArgs, source: str) -> dict[str, QuantSpec]:
+    """Module path -> QuantSpec for every quantized weight (one that has `.scales`)."""
+    out = {}
+    for name, scales in tensors.items():
+        if name.endswith(".scales"):
+            prefix = name[: -len(".scales")]
+            try:
+                out[prefix] = QuantSpec.infer(
+                    tensors[f"{prefix}.weight"], scales, in_features(prefix, args)
+                )
+            except (KeyError, ValueError) as e:
+                raise ModelFormatError(f"{source}: tensor {prefix}: {e}") from None
+    return out
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a `.gguf` file or a HF directory (config.json + safetensors)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return read_gguf(path)
+    if path.is_dir():
+        return read_hf_dir(path)
+    raise ModelFormatError(f"{path}: not a .gguf file or a directory with config.json")
+
+
+def read_gguf(path: Path) -> Checkpoint:
+    if not path.is_file():
+        raise ModelFormatError(f"{path}: GGUF file not found")
+    try:
+        tensors, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # MLX raises RuntimeError/ValueError with gguflib's message
+        raise ModelFormatError(f"{path}: unreadable GGUF file ({e})") from None
+    args = ModelArgs.from_gguf_metadata(meta, str(path))
+    tied = "output.weight" not in tensors
+    args = args.model_copy(update={"tie_word_embeddings": tied})
+    return Checkpoint(args, sanitize_gguf(tensors, args), str(path))
+
+
+def _unpermute_rope_rows(t: mx.array, n_heads: int) -> mx.array:
+    """Undo llama.cpp's interleaved-RoPE row order (per head: pairs -> halves)."""
+    rows = t.shape[0]
+    return t.reshape(n_heads, rows // n_heads // 2, 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+
+def sanitize_gguf(tensors: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """GGUF names -> HF names; Q/K rows back to the HF half-split RoPE layout."""
+    out = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blk":
+            layer, base, suffix = parts[1], parts[2], ".".join(parts[3:])
+            new = f"model.layers.{layer}.{GGUF_NAMES.get(base, base)}.{suffix}"
+        else:
+            new = f"{GGUF_NAMES.get(parts[0], parts[0])}.{'.'.join(parts[1:])}"
+        # llama.cpp permutes Q/K for llama-arch models only; qwen2 is stored as in HF.
+        if args.model_type != "qwen2" and base_is(parts, "attn_q"):
+            t = _unpermute_rope_rows(t, args.num_attention_heads)
+        elif args.model_type != "qwen2" and base_is(parts, "attn_k"):
+            t = _unpermute_rope_rows(t, args.num_key_value_heads)
+        out[new] = t
+    return tie_lm_head(out, args)
+
+
+def base_is(parts: list[str], base: str) -> bool:
+    return parts[0] == "blk" and len(parts) > 2 and parts[2] == base
+
+
+def tie_lm_head(tensors: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """With tied embeddings the LM head reads the embedding table (sliced by vocab rows)."""
+    if args.tie_word_embeddings or "lm_head.weight" not in tensors:
+        for name in [n for n in tensors if n.startswith("model.embed_tokens.")]:
+            tensors[name.replace("model.embed_tokens.", "lm_head.")] = tensors[name]
+    return tensors
+
+
+def read_hf_dir(path: Path) -> Checkpoint:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelFormatError(f"{path}: no config.json (expected a HF model directory)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{config_file}: invalid JSON ({e})") from None
+    args = ModelArgs.from_hf_config(config, str(config_file))
+    tensors: dict[str, mx.array] = {}
+    for file in safetensors_files(path):
+        try:
+            tensors.update(mx.load(str(file)))
+        except Exception as e:
+            raise ModelFormatError(f"{file}: unreadable safetensors file ({e})") from None
+    return Checkpoint(args, sanitize_hf(tensors, args), str(path))
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's files: from the sharded index if there is one."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise ModelFormatError(f"{path}: missing safetensors files {missing or '(none found)'}")
+    return files
+
+
+def sanitize_hf(tensors: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+    """Drop buffers HF sometimes saves; alias a tied LM head."""
+    out = {k: v for k, v in tensors.items() if "rotary_emb.inv_freq" not in k}
+    return tie_lm_head(out, args)
+
+
+def dummy_checkpoint(name: str, seed: int = 0) -> Checkpoint:
+    """A well-known config with random weights (scaled so activations stay sane)."""
+    args = dummy_args(name)
+    return Checkpoint(args, random_tensors(args, seed), f"dummy:{name}")
+
+
+def random_tensors(args: ModelArgs, seed: int = 0) -> dict[str, mx.array]:
+    """Random float32 tensors for every parameter of `args`, under HF names."""
+    key = mx.random.key(seed)
+    h, i, hd = args.hidden_size, args.intermediate_size, args.head_dim
+    q_out, kv_out = args.num_attention_heads * hd, args.num_key_value_heads * hd
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, h), "model.norm.weight": (h,)}
+    if not args.tie_word_embeddings:
+        shapes["lm_head.weight"] = (args.vocab_size, h)
+    for n in range(args.num_hidden_layers):
+        p = f"model.layers.{n}"
+        shapes.update(
+            {
+                f"{p}.input_layernorm.weight": (h,),
+                f"{p}.post_attention_layernorm.weight": (h,),
+                f"{p}.self_attn.q_proj.weight": (q_out, h),
+                f"{p}.self_attn.k_proj.weight": (kv_out, h),
+                f"{p}.self_attn.v_proj.weight": (kv_out, h),
+                f"{p}.self_attn.o_proj.weight": (h, q_out),
+                f"{p}.mlp.gate_proj.weight": (i, h),
+                f"{p}.mlp.up_proj.weight": (i, h),
+                f"{p}.mlp.down_proj.weight": (h, i),
+            }
+        )
+        if args.attention_bias or args.qkv_bias:
+            shapes.update(
+                {
+                    f"{p}.self_attn.q_proj.bias": (q_out,),
+                    f"{p}.self_attn.k_proj.bias": (kv_out,),
+                    f"{p}.self_attn.v_proj.bias": (kv_out,),
+                }
+            )
+    keys = mx.random.split(key, len(shapes))
+    tensors = {}
+    for k, (name, shape) in zip(keys, sorted(shapes.items()), strict=True):
+        if name.endswith("norm.weight"):
+            tensors[name] = mx.ones(shape)
+        else:
+            tensors[name] = mx.random.normal(shape, key=k) * (shape[-1] ** -0.5)
+    return tie_lm_head(tensors, args)

@@ -1,0 +1,143 @@
+"""Column- and row-parallel linear layers, float or MLX affine-quantized.
+
+Each layer knows how to cut its slice out of the full checkpoint tensor (`shard`), so the
+class is the sharding decision. Parameter names follow the checkpoint: weight, bias, and for
+quantized weights scales and biases (packed uint32 weight, one scale/bias per group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from shardcompute.collectives.group import Collectives
+from shardcompute.parallel.plan import Range
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """MLX affine quantization of one weight: `group_size` columns share a scale and bias."""
+
+    group_size: int
+    bits: int
+
+    @classmethod
+    def infer(cls, weight: mx.array, scales: mx.array, in_features: int) -> QuantSpec:
+        """Read the spec off packed shapes: weight (out, in*bits/32), scales (out, in/group).
+
+        `in_features` is needed: the shapes alone cannot tell 4-bit/group-32 from 2-bit/group-64.
+        """
+        packed, groups = weight.shape[-1], scales.shape[-1]
+        bits, group = packed * 32 // in_features, in_features // max(groups, 1)
+        if packed * 32 != bits * in_features or group * groups != in_features:
+            raise ValueError(
+                f"quantized shapes {tuple(weight.shape)}/{tuple(scales.shape)} do not fit "
+                f"{in_features} input features"
+            )
+        return cls(group, bits)
+
+    def packed_cols(self, cols: int) -> int:
+        return cols * self.bits // 32
+
+
+class ShardedLinear(nn.Module):
+    """Shared parts of the column- and row-parallel layers: parameters and the local matmul."""
+
+    def __init__(self, local_out: int, local_in: int, bias: int, quant: QuantSpec | None):
+        super().__init__()
+        self.quant = quant
+        if quant is None:
+            self.weight = mx.zeros((local_out, local_in))
+        else:
+            self.weight = mx.zeros((local_out, quant.packed_cols(local_in)), dtype=mx.uint32)
+            self.scales = mx.zeros((local_out, local_in // quant.group_size))
+            self.biases = mx.zeros((local_out, local_in // quant.group_size))
+        if bias:
+            self.bias = mx.zeros((bias,))
+
+    def _matmul(self, x: mx.array) -> mx.array:
+        if self.quant is None:
+            return x @ self.weight.T
+        q = self.quant
+        return mx.quantized_matmul(
+            x, self.weight, self.scales, self.biases, True, q.group_size, q.bits
+        )
+
+
+class ColumnParallelLinear(ShardedLinear):
+    """y[:, out_range] = x @ W[out_range].T + b[out_range]. Never communicates."""
+
+    def __init__(
+        self, in_features: int, out_range: Range, bias: bool = False, quant: QuantSpec | None = None
+    ):
+        local_out = out_range[1] - out_range[0]
+        super().__init__(local_out, in_features, local_out if bias else 0, quant)
+        self.out_range = out_range
+
+    def shard(self, full: dict[str, mx.array]) -> dict[str, mx.array]:
+        """This rank's rows of every tensor (weight, scales, biases, bias)."""
+        s, e = self.out_range
+        return {name: t[s:e] for name, t in full.items()}
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._matmul(x)
+        return y + self.bias if "bias" in self else y
+
+
+class RowParallelLinear(ShardedLinear):
+    """y = all_sum(x[:, in_range] @ W[:, in_range].T) + b. One all-reduce, bias after it."""
+
+    def __init__(
+        self,
+        in_range: Range,
+        out_features: int,
+        comm: Collectives,
+        bias: bool = False,
+        quant: QuantSpec | None = None,
+    ):
+        local_in = in_range[1] - in_range[0]
+        super().__init__(out_features, local_in, out_features if bias else 0, quant)
+        self.in_range = in_range
+        self.comm = comm
+
+    def shard(self, full: dict[str, mx.array]) -> dict[str, mx.array]:
+        """This rank's input columns; packed and per-group tensors cut at group boundaries."""
+        s, e = self.in_range
+        out = {}
+        for name, t in full.items():
+            if name == "bias":
+                out[name] = t
+            elif name == "weight" and self.quant is not None:
+                out[name] = t[:, self.quant.packed_cols(s) : self.quant.packed_cols(e)]
+            elif name in ("scales", "biases"):
+                g = self.quant.group_size
+                out[name] = t[:, s // g : e // g]
+            else:
+                out[name] = t[:, s:e]
+        return out
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self.comm.all_sum(self._matmul(x))
+        return y + self.bias if "bias" in self else y
+
+
+class VocabParallelLMHead(ColumnParallelLinear):
+    """Column-parallel over the vocabulary, then one all-gather of the logits."""
+
+    def __init__(
+        self,
+        in_features: int,
+        vocab_range: Range,
+        vocab_sizes: list[int],
+        comm: Collectives,
+        quant: QuantSpec | None = None,
+    ):
+        super().__init__(in_features, vocab_range, bias=False, quant=quant)
+        self.vocab_sizes = vocab_sizes
+        self.comm = comm
+
+    def __call__(self, x: mx.array) -> mx.array:
+        local_logits = super().__call__(x)  # (B, L, local_vocab)
+        return self.comm.all_gather(local_logits, axis=-1, sizes=self.vocab_sizes)
