@@ -1,0 +1,232 @@
+"""Cluster configuration: a YAML file, then SHARDCOMPUTE_* env vars, then CLI flags.
+
+Keys are dotted paths (`coordinator.port`). An env var names one with a double underscore
+between section and key: SHARDCOMPUTE_COORDINATOR__PORT=9000. Every bad value raises
+ConfigError naming its key and where the value came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shardcompute.errors import ConfigError
+
+ENV_PREFIX = "SHARDCOMPUTE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CoordinatorConfig(_Section):
+    """Where the coordinator listens and how it judges worker health."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    heartbeat_interval_seconds: float = Field(2.0, gt=0)
+    heartbeat_timeout_seconds: float = Field(10.0, gt=0)
+    max_queued_requests: int = Field(64, ge=1)
+    request_timeout_seconds: float = Field(600.0, gt=0)
+    max_engine_restarts: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _timeout_exceeds_interval(self) -> CoordinatorConfig:
+        # A timeout shorter than one interval would declare healthy workers dead.
+        if self.heartbeat_timeout_seconds <= self.heartbeat_interval_seconds:
+            raise ValueError(
+                f"coordinator.heartbeat_timeout_seconds={self.heartbeat_timeout_seconds} must "
+                f"exceed coordinator.heartbeat_interval_seconds={self.heartbeat_interval_seconds}"
+            )
+        return self
+
+
+class WorkerConfig(_Section):
+    """Ports and timeouts of the engines' collective group."""
+
+    collective_port_base: int = Field(29500, ge=1, le=65535)
+    collective_timeout_seconds: float = Field(60.0, gt=0)
+
+
+class ParallelismConfig(_Section):
+    """How many ranks and which mx.distributed backend connects them."""
+
+    tensor_parallel_size: int = Field(2, ge=1)
+    topology: Literal["ring", "mpi", "nccl", "jaccl", "any"] = "ring"
+
+
+class ModelConfig(_Section):
+    """Which model the cluster serves and how its weights are split."""
+
+    name: str = Field("smollm2-135m", min_length=1)
+    path: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "quantized"] = "auto"
+    # "even", "memory" (proportional to each worker's reported memory) or explicit weights.
+    weights: Literal["even", "memory"] | list[float] = "even"
+    shard_dir: str | None = None
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _parse_weight_list(cls, value: Any) -> Any:
+        # Env vars and flags give "2,1"; the file gives a YAML list.
+        if isinstance(value, str) and value not in ("even", "memory"):
+            try:
+                return [float(w) for w in value.split(",")]
+            except ValueError:
+                raise ValueError("expected 'even', 'memory' or numbers like 2,1") from None
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _positive_weights(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or any(w <= 0 for w in value)):
+            raise ValueError(f"weights must be positive numbers, got {value}")
+        return value
+
+
+class SecurityConfig(_Section):
+    """Shared secrets: workers present the cluster token, API clients the API key."""
+
+    cluster_token: str | None = None
+    cluster_token_file: str = "~/.shardcompute/cluster_token"
+    api_key: str | None = None
+
+
+class ClusterConfig(_Section):
+    """The whole configuration, frozen once loaded."""
+
+    coordinator: CoordinatorConfig = CoordinatorConfig()
+    worker: WorkerConfig = WorkerConfig()
+    parallelism: ParallelismConfig = ParallelismConfig()
+    model: ModelConfig = ModelConfig()
+    security: SecurityConfig = SecurityConfig()
+
+    @model_validator(mode="after")
+    def _weights_match_world(self) -> ClusterConfig:
+        weights, size = self.model.weights, self.parallelism.tensor_parallel_size
+        if isinstance(weights, list) and len(weights) != size:
+            raise ValueError(
+                f"model.weights has {len(weights)} entries but "
+                f"parallelism.tensor_parallel_size={size}"
+            )
+        return self
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> ClusterConfig:
+    """Load the config file (built-in defaults when None), apply env vars, then `overrides`.
+
+    `overrides` maps dotted keys to values, e.g. {"coordinator.port": 9000}; None values are
+    skipped so unset CLI flags leave the file alone.
+    """
+    data = _read_file(Path(path)) if path is not None else {}
+    sources = {key: f"file {path}" for key in _flatten(data)}
+    for key, (value, source) in _env_overrides(os.environ if env is None else env).items():
+        _set(data, key, value)
+        sources[key] = source
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(data, key, value)
+            sources[key] = "command line"
+    return _validate(data, sources)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    # Only SECTION__KEY names are config; other SHARDCOMPUTE_* vars belong to other tools.
+    found = {}
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            found[key] = (value, f"env {name}")
+    return found
+
+
+def _set(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        keys.extend(_flatten(v, key + ".") if isinstance(v, Mapping) else [key])
+    return keys
+
+
+def _validate(data: dict[str, Any], sources: Mapping[str, str]) -> ClusterConfig:
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, data, sources)) from None
+
+
+def _describe(error: ValidationError, data: dict[str, Any], sources: Mapping[str, str]) -> str:
+    """One line per problem: the dotted key, what is wrong, the value and where it came from."""
+    lines = []
+    for item in error.errors():
+        loc = [str(p) for p in item["loc"] if not str(p).isdigit()]
+        key = ".".join(loc) or "config"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key}")
+            continue
+        msg = item["msg"].removeprefix("Value error, ")
+        if isinstance(item["input"], dict):  # a check across keys: its message names them
+            lines.append(f"config: {msg}")
+            continue
+        source = sources.get(key, "defaults")
+        lines.append(f"config key {key}: {msg} (got {item['input']!r} from {source})")
+    return "; ".join(lines)
+
+
+def resolve_cluster_token(security: SecurityConfig, create: bool) -> str | None:
+    """The configured cluster token, else the one in the token file.
+
+    On one machine the coordinator creates the file (`create=True`) and workers read it, so
+    a local cluster is protected without the user handling a secret.
+    """
+    if security.cluster_token:
+        return security.cluster_token
+    path = Path(security.cluster_token_file).expanduser()
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    if not create:
+        return None
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token

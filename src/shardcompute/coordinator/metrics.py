@@ -1,0 +1,140 @@
+"""Metrics in Prometheus text format: request timings as they happen, worker and cluster
+gauges read from the registry and queue at scrape time."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from shardcompute.coordinator.health import Clock
+from shardcompute.coordinator.queue import Job
+from shardcompute.protocol import ClusterView, GenerationEvent
+
+CLUSTER_STATES = ("forming", "loading", "ready", "degraded")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class TokenRate:
+    """Tokens per second over a sliding window of the injected clock."""
+
+    def __init__(self, clock: Clock, window_seconds: float = 10.0):
+        self._clock = clock
+        self._window = window_seconds
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def add(self, tokens: int) -> None:
+        """Count `tokens` produced now."""
+        self._samples.append((self._clock(), tokens))
+
+    def rate(self) -> float:
+        """Tokens per second averaged over the window."""
+        horizon = self._clock() - self._window
+        while self._samples and self._samples[0][0] < horizon:
+            self._samples.popleft()
+        return sum(n for _, n in self._samples) / self._window
+
+
+class Metrics:
+    """Owns a private Prometheus registry, so several coordinators can live in one process."""
+
+    def __init__(self, clock: Clock, view: Callable[[], ClusterView]):
+        self.registry = CollectorRegistry()
+        self.tokens = TokenRate(clock)
+        self.requests = Counter(
+            "shardcompute_requests",
+            "API requests by endpoint and outcome",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "shardcompute_time_to_first_token_seconds",
+            "Time from arrival to the first generated text, queueing included",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.token_latency = Histogram(
+            "shardcompute_inter_token_latency_seconds",
+            "Time between generated tokens after the first",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_ClusterCollector(view))
+
+    def observe_event(self, job: Job, event: GenerationEvent, now: float) -> None:
+        """Time a generation event as it reaches the coordinator."""
+        n = len(event.token_ids) or (1 if event.text else 0)
+        if n == 0:
+            return
+        self.tokens.add(n)
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.ttft.observe(now - job.created)
+            n -= 1  # the first token's latency is the TTFT, not an inter-token gap
+        elif job.last_token_at is not None:
+            gap = (now - job.last_token_at) / n
+            for _ in range(n):
+                self.token_latency.observe(gap)
+        job.last_token_at = now
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _ClusterCollector(Collector):
+    """Gauges computed from the cluster view each time /metrics is scraped."""
+
+    def __init__(self, view: Callable[[], ClusterView]):
+        self._view = view
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        v = self._view()
+        state = GaugeMetricFamily(
+            "shardcompute_cluster_state", "1 for the current cluster state", labels=["state"]
+        )
+        for name in CLUSTER_STATES:
+            state.add_metric([name], float(v.state == name))
+        yield state
+        yield GaugeMetricFamily("shardcompute_cluster_generation", "", value=v.generation)
+        alive = sum(w.alive for w in v.workers)
+        yield GaugeMetricFamily("shardcompute_workers_alive", "Live workers", value=alive)
+        yield GaugeMetricFamily("shardcompute_queue_depth", "Queued requests", value=v.queue_depth)
+        yield GaugeMetricFamily("shardcompute_requests_in_flight", "", value=v.in_flight)
+        yield GaugeMetricFamily(
+            "shardcompute_tokens_per_second", "Over the last 10 s", value=v.tokens_per_second
+        )
+        yield from _worker_families(v)
+
+
+def _worker_families(v: ClusterView) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    labels = ["worker_id", "rank", "host"]
+    families = {
+        "alive": GaugeMetricFamily(
+            "shardcompute_worker_alive", "1 while heartbeating", labels=labels
+        ),
+        "since": GaugeMetricFamily(
+            "shardcompute_worker_seconds_since_heartbeat", "", labels=labels
+        ),
+        "memory": GaugeMetricFamily("shardcompute_worker_memory_bytes", "", labels=labels),
+        "peak": GaugeMetricFamily("shardcompute_worker_peak_memory_bytes", "", labels=labels),
+        "tokens": CounterMetricFamily("shardcompute_worker_tokens_processed", "", labels=labels),
+        "coll": CounterMetricFamily(
+            "shardcompute_worker_collective_seconds", "Time in collectives", labels=labels
+        ),
+        "steps": CounterMetricFamily("shardcompute_worker_steps", "Engine steps", labels=labels),
+    }
+    for w in v.workers:
+        key = [w.worker_id, "" if w.rank is None else str(w.rank), w.facts.host]
+        m = w.metrics
+        families["alive"].add_metric(key, float(w.alive))
+        families["since"].add_metric(key, w.seconds_since_heartbeat)
+        families["memory"].add_metric(key, m.memory_bytes)
+        families["peak"].add_metric(key, m.peak_memory_bytes)
+        families["tokens"].add_metric(key, m.tokens_processed)
+        families["coll"].add_metric(key, m.collective_seconds)
+        families["steps"].add_metric(key, m.steps)
+    yield from families.values()

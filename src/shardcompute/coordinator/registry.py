@@ -1,0 +1,339 @@
+"""The worker registry and the cluster state machine: forming -> loading -> ready, or degraded.
+
+All time comes from an injected clock, so every transition is tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shardcompute.config import ClusterConfig
+from shardcompute.coordinator.bootstrap import Candidate, build_hostfile, order_ranks, plan_weights
+from shardcompute.coordinator.health import Clock, HealthTracker
+from shardcompute.coordinator.http_errors import ApiError, Conflict, NotFound
+from shardcompute.errors import ConfigError
+from shardcompute.protocol import (
+    Assignment,
+    ClusterState,
+    EngineState,
+    Heartbeat,
+    HeartbeatResponse,
+    LoadedReport,
+    RegisterRequest,
+    RegisterResponse,
+    WorkerMetrics,
+    WorkerView,
+)
+
+log = logging.getLogger("shardcompute.coordinator")
+
+StateListener = Callable[[ClusterState, str], None]
+
+
+@dataclass
+class WorkerRecord:
+    """One registered worker and what its heartbeats and engine have told us."""
+
+    worker_id: str
+    request: RegisterRequest
+    order: int
+    alive: bool = True
+    previous_rank: int | None = None
+    engine_state: EngineState = "idle"
+    engine_generation: int | None = None
+    loaded_generation: int | None = None
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+
+
+class Registry:
+    """Registers workers, hands out assignments, and derives the cluster state."""
+
+    def __init__(self, config: ClusterConfig, clock: Clock, coordinator_url: str = ""):
+        self._config = config
+        self._health = HealthTracker(clock, config.coordinator.heartbeat_timeout_seconds)
+        self._coordinator_url = coordinator_url
+        self._order = 0
+        self._crashes = 0  # engine crashes since the cluster was last ready
+        self.workers: dict[str, WorkerRecord] = {}
+        self.assignments: dict[str, Assignment] = {}  # worker_id -> assignment, this generation
+        self.generation = 0
+        self.state: ClusterState = "forming"
+        self.reason = ""
+        self.listeners: list[StateListener] = []
+        self._reconcile()
+
+    @property
+    def world_size(self) -> int:
+        return self._config.parallelism.tensor_parallel_size
+
+    # --- messages from agents and engines ------------------------------------------------
+
+    def register(self, req: RegisterRequest) -> RegisterResponse:
+        """Add a worker; it gets an assignment once enough workers are live."""
+        self._check_requested_rank(req.requested_rank)
+        self._order += 1
+        worker_id = f"w{self._order}-{secrets.token_hex(3)}"
+        self.workers[worker_id] = WorkerRecord(worker_id, req, self._order)
+        self._health.beat(worker_id)
+        log.info("worker %s registered from %s (%s)", worker_id, req.address, req.facts.host)
+        self._reconcile()
+        coord = self._config.coordinator
+        return RegisterResponse(
+            worker_id=worker_id,
+            heartbeat_interval_seconds=coord.heartbeat_interval_seconds,
+            heartbeat_timeout_seconds=coord.heartbeat_timeout_seconds,
+            cluster_state=self.state,
+        )
+
+    def heartbeat(self, worker_id: str, hb: Heartbeat) -> HeartbeatResponse:
+        """Note a worker is alive and its engine's state; reply with its assignment."""
+        rec = self._live(worker_id)
+        self._health.beat(worker_id)
+        rec.engine_state, rec.engine_generation = hb.engine_state, hb.generation
+        if hb.metrics is not None:
+            rec.metrics = hb.metrics
+        self._reconcile()
+        return HeartbeatResponse(
+            cluster_state=self.state, assignment=self.assignments.get(worker_id)
+        )
+
+    def mark_loaded(self, worker_id: str, report: LoadedReport) -> None:
+        """An engine of the current generation has loaded its shard."""
+        rec = self._live(worker_id)
+        assignment = self._current(worker_id, report.generation)
+        if report.rank != assignment.rank:
+            raise Conflict(
+                f"worker {worker_id} reported rank {report.rank} but holds rank {assignment.rank}",
+                param="rank",
+            )
+        rec.loaded_generation = report.generation
+        rec.engine_state, rec.engine_generation = "running", report.generation
+        if report.metrics is not None:
+            rec.metrics = report.metrics
+        log.info("worker %s (rank %d) loaded in %.1fs", worker_id, report.rank, report.load_seconds)
+        self._reconcile()
+
+    def update_metrics(self, worker_id: str, generation: int, metrics: WorkerMetrics) -> None:
+        """Keep an engine's latest running totals."""
+        rec = self._live(worker_id)
+        self._current(worker_id, generation)
+        rec.metrics = metrics
+
+    def sweep(self) -> None:
+        """Declare workers dead whose heartbeats stopped, and update the state."""
+        for worker_id in self._health.expired():
+            rec = self.workers[worker_id]
+            rec.alive = False
+            self._health.forget(worker_id)
+            log.warning(
+                "worker %s missed heartbeats for over %.1fs: dead",
+                worker_id,
+                self._config.coordinator.heartbeat_timeout_seconds,
+            )
+        self._reconcile()
+
+    # --- lookups --------------------------------------------------------------------------
+
+    def rank0_worker(self) -> str | None:
+        """The worker whose engine takes requests in the current generation."""
+        return next((w for w, a in self.assignments.items() if a.rank == 0), None)
+
+    def check_rank0(self, worker_id: str, generation: int) -> None:
+        """Refuse work polls from anything but the current generation's rank 0."""
+        self._current(worker_id, generation)
+        if worker_id != self.rank0_worker():
+            raise Conflict(f"worker {worker_id} is not rank 0; only rank 0 takes work")
+
+    def worker_views(self) -> list[WorkerView]:
+        """Every known worker, in registration order, for /cluster."""
+        return [self._view(rec) for rec in sorted(self.workers.values(), key=lambda r: r.order)]
+
+    def _view(self, rec: WorkerRecord) -> WorkerView:
+        a = self.assignments.get(rec.worker_id)
+        return WorkerView(
+            worker_id=rec.worker_id,
+            rank=a.rank if a else None,
+            alive=rec.alive,
+            engine_state=rec.engine_state,
+            loaded=a is not None and rec.loaded_generation == self.generation,
+            address=rec.request.address,
+            seconds_since_heartbeat=round(min(self._health.age(rec.worker_id), 1e9), 3),
+            facts=rec.request.facts,
+            metrics=rec.metrics,
+        )
+
+    def _live(self, worker_id: str) -> WorkerRecord:
+        rec = self.workers.get(worker_id)
+        if rec is None or not rec.alive:
+            raise NotFound(
+                f"worker {worker_id} is unknown or was declared dead; register again",
+                code="unknown_worker",
+            )
+        return rec
+
+    def _current(self, worker_id: str, generation: int) -> Assignment:
+        assignment = self.assignments.get(worker_id)
+        if assignment is None or generation != self.generation:
+            raise Conflict(
+                f"worker {worker_id} speaks for generation {generation}, but the cluster is "
+                f"at generation {self.generation}"
+                + ("" if assignment else " and has no assignment for it"),
+                code="stale_generation",
+            )
+        return assignment
+
+    def _check_requested_rank(self, rank: int | None) -> None:
+        if rank is None:
+            return
+        if rank >= self.world_size:
+            raise ApiError(
+                f"requested rank {rank} but parallelism.tensor_parallel_size={self.world_size}",
+                param="requested_rank",
+            )
+        for rec in self.workers.values():
+            if rec.alive and rec.request.requested_rank == rank:
+                raise Conflict(
+                    f"rank {rank} is already held by live worker {rec.worker_id}",
+                    param="requested_rank",
+                )
+
+    # --- the state machine ---------------------------------------------------------------
+
+    def _reconcile(self) -> None:
+        """Derive the state from the facts, re-forming the group when it can."""
+        problem = self._member_problem()
+        if problem is not None:
+            self._set("degraded", problem)
+            crashed = self._member_problem_is_crash()
+            limit = self._config.coordinator.max_engine_restarts
+            if crashed and self._crashes >= limit:
+                self._set("degraded", f"{problem}; gave up after {limit} engine restarts")
+                return
+            if not self._try_form():
+                return
+            self._crashes += crashed
+        elif not self.assignments and not self._try_form():
+            return
+        self._set_progress()
+
+    def _set_progress(self) -> None:
+        """Loading until every member has loaded this generation, then ready."""
+        waiting = sum(
+            self.workers[w].loaded_generation != self.generation for w in self.assignments
+        )
+        if waiting:
+            self._set("loading", f"waiting for {waiting} of {self.world_size} ranks to load")
+        else:
+            self._crashes = 0
+            self._set("ready", f"{self.world_size} ranks loaded")
+
+    def _member_problem(self) -> str | None:
+        """Why the current generation cannot serve, or None when it can."""
+        for worker_id, a in self.assignments.items():
+            rec = self.workers[worker_id]
+            if not rec.alive:
+                return f"rank {a.rank} (worker {worker_id}) missed heartbeats"
+            if rec.engine_state == "exited" and rec.engine_generation == self.generation:
+                return f"rank {a.rank} (worker {worker_id}) engine exited"
+        return None
+
+    def _try_form(self) -> bool:
+        """Assign ranks to live workers when there are enough; else stay forming/degraded."""
+        live = [r for r in self.workers.values() if r.alive]
+        ranked = order_ranks([self._candidate(r) for r in live], self.world_size)
+        if not ranked:
+            if self.state != "degraded":
+                self._set(
+                    "forming",
+                    f"waiting for {self.world_size} workers ({len(live)} registered)",
+                )
+            return False
+        try:
+            weights = plan_weights(self._config.model.weights, [c.memory_bytes for c in ranked])
+        except ConfigError as e:
+            self._set("degraded" if self.assignments else "forming", str(e))
+            return False
+        self._assign(ranked, weights)
+        return True
+
+    def _member_problem_is_crash(self) -> bool:
+        """Whether a member's engine died while its agent lives (a restart may fix it)."""
+        return any(
+            self.workers[w].alive
+            and self.workers[w].engine_state == "exited"
+            and self.workers[w].engine_generation == self.generation
+            for w in self.assignments
+        )
+
+    def _candidate(self, rec: WorkerRecord) -> Candidate:
+        a = self.assignments.get(rec.worker_id)
+        return Candidate(
+            worker_id=rec.worker_id,
+            requested_rank=rec.request.requested_rank,
+            previous_rank=a.rank if a else rec.previous_rank,
+            order=rec.order,
+            address=rec.request.address,
+            collective_port=rec.request.collective_port,
+            memory_bytes=rec.request.facts.memory_bytes,
+        )
+
+    def _assign(self, ranked: list[Candidate], weights: list[float]) -> None:
+        self.generation += 1
+        self._forget_dead()
+        hostfile = build_hostfile(ranked, self._config.worker.collective_port_base)
+        self.assignments = {
+            c.worker_id: self._assignment(rank, c, hostfile, weights)
+            for rank, c in enumerate(ranked)
+        }
+        for rank, c in enumerate(ranked):
+            self.workers[c.worker_id].previous_rank = rank
+        log.info(
+            "generation %d: ranks %s, hostfile %s",
+            self.generation,
+            [c.worker_id for c in ranked],
+            hostfile,
+        )
+
+    def _forget_dead(self) -> None:
+        # A dead worker must register again; keeping its record would only clutter /cluster.
+        for worker_id in [w for w, r in self.workers.items() if not r.alive]:
+            del self.workers[worker_id]
+
+    def _assignment(
+        self, rank: int, c: Candidate, hostfile: list[str], weights: list[float]
+    ) -> Assignment:
+        cfg = self._config
+        shard_dir = self.workers[c.worker_id].request.shard_dir or cfg.model.shard_dir
+        return Assignment(
+            generation=self.generation,
+            worker_id=c.worker_id,
+            rank=rank,
+            world_size=len(hostfile),
+            hostfile=hostfile,
+            plan_weights=weights,
+            model_name=cfg.model.name,
+            model_path=cfg.model.path,
+            dtype=cfg.model.dtype,
+            shard_dir=shard_dir,
+            coordinator_url=self._coordinator_url,
+            backend=cfg.parallelism.topology,
+            collective_timeout_seconds=cfg.worker.collective_timeout_seconds,
+        )
+
+    def _set(self, state: ClusterState, reason: str) -> None:
+        if (state, reason) == (self.state, self.reason):
+            return
+        changed = state != self.state
+        self.state, self.reason = state, reason
+        if changed:
+            log.log(
+                logging.WARNING if state == "degraded" else logging.INFO,
+                "cluster %s: %s",
+                state,
+                reason,
+            )
+            for listener in self.listeners:
+                listener(state, reason)

@@ -1,0 +1,83 @@
+"""The coordinator's state in one object: registry, queue and metrics, wired together."""
+
+from __future__ import annotations
+
+import time
+
+from shardcompute.config import ClusterConfig
+from shardcompute.coordinator.health import Clock
+from shardcompute.coordinator.http_errors import NotFound, NotReady
+from shardcompute.coordinator.metrics import Metrics
+from shardcompute.coordinator.queue import Job, RequestQueue
+from shardcompute.coordinator.registry import Registry
+from shardcompute.protocol import ClusterState, ClusterView, GenerationRequest
+
+
+class Coordinator:
+    """What the HTTP routes act on. Holds no model weights and no tokenizer."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        cluster_token: str,
+        clock: Clock = time.monotonic,
+        coordinator_url: str = "",
+    ):
+        self.config = config
+        self.cluster_token = cluster_token
+        self.clock = clock
+        self.registry = Registry(config, clock, coordinator_url)
+        self.metrics = Metrics(clock, self.view)
+        self.queue = RequestQueue(
+            config.coordinator.max_queued_requests, clock, observer=self.metrics.observe_event
+        )
+        self.registry.listeners.append(self._on_state_change)
+
+    @property
+    def model_id(self) -> str:
+        """The id clients name in `model`."""
+        return self.config.model.name
+
+    def _on_state_change(self, state: ClusterState, reason: str) -> None:
+        # A lost rank stalls the whole group: fail its requests now rather than at timeout.
+        if state == "degraded":
+            self.queue.fail_all(f"the cluster lost a rank ({reason}); retry when it is ready")
+
+    def check_model(self, model: str) -> None:
+        """Refuse a request for a model this cluster does not serve."""
+        if model != self.model_id:
+            raise NotFound(
+                f"model {model!r} is not served here; this cluster serves {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    async def queue_request(self, request: GenerationRequest) -> Job:
+        """Queue a request if the cluster can serve it."""
+        self.registry.sweep()
+        if self.registry.state != "ready":
+            raise NotReady(
+                f"the cluster is not ready (state={self.registry.state}: "
+                f"{self.registry.reason}); retry later",
+                code="cluster_not_ready",
+            )
+        return await self.queue.submit(request)
+
+    def view(self) -> ClusterView:
+        """Everything /cluster shows."""
+        reg = self.registry
+        any_assignment = next(iter(reg.assignments.values()), None)
+        return ClusterView(
+            state=reg.state,
+            reason=reg.reason,
+            generation=reg.generation,
+            world_size=reg.world_size,
+            model=self.model_id,
+            plan_weights=any_assignment.plan_weights if any_assignment else [],
+            hostfile=any_assignment.hostfile if any_assignment else [],
+            workers=reg.worker_views(),
+            queue_depth=self.queue.depth,
+            in_flight=self.queue.in_flight,
+            requests_total=self.queue.submitted_total,
+            tokens_per_second=round(self.metrics.tokens.rate(), 3),
+        )

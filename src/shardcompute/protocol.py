@@ -1,0 +1,291 @@
+"""Messages that cross a process boundary: JSON over HTTP, never pickle.
+
+Every top-level message carries `version`; a peer speaking another version is refused with a
+message naming both. Parts nested inside a message share their parent's version.
+
+Flow (all internal routes need `Authorization: Bearer <cluster token>`):
+  agent  -> POST /internal/v1/workers/register              RegisterRequest -> RegisterResponse
+  agent  -> POST /internal/v1/workers/{worker_id}/heartbeat Heartbeat -> HeartbeatResponse
+  engine -> POST /internal/v1/workers/{worker_id}/loaded    LoadedReport -> Ack
+  engine -> POST /internal/v1/workers/{worker_id}/metrics   MetricsReport -> Ack
+  engine -> POST /internal/v1/work/next                     WorkPoll -> GenerationRequest | 204
+  engine -> POST /internal/v1/work/{request_id}/events      EventBatch -> CancelStatus
+  engine -> GET  /internal/v1/work/{request_id}/cancelled   -> CancelStatus
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shardcompute.errors import ShardComputeError
+
+PROTOCOL_VERSION = 1
+# The agent hands the engine child the cluster token in this env var, never on its command line.
+CLUSTER_TOKEN_ENV = "SHARDCOMPUTE_SECURITY__CLUSTER_TOKEN"
+
+ClusterState = Literal["forming", "loading", "ready", "degraded"]
+# idle: no engine child; running: child alive (loaded or not); exited: child died.
+EngineState = Literal["idle", "running", "exited"]
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class ProtocolError(ShardComputeError):
+    """A message that is not valid JSON for its type, or from another protocol version."""
+
+
+class Part(BaseModel):
+    """A piece nested inside a message; unknown fields are refused so typos fail loudly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(Part):
+    """A top-level message; `version` lets each side refuse a peer it does not understand."""
+
+    version: int = PROTOCOL_VERSION
+
+    @field_validator("version")
+    @classmethod
+    def _same_version(cls, v: int) -> int:
+        if v != PROTOCOL_VERSION:
+            raise ValueError(
+                f"protocol version {v} is not supported (this side speaks {PROTOCOL_VERSION})"
+            )
+        return v
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode(cls: type[M], data: str | bytes | dict[str, Any]) -> M:
+    """Parse `data` as `cls`, raising ProtocolError naming the message and the bad fields."""
+    try:
+        if isinstance(data, dict):
+            return cls.model_validate(data)
+        return cls.model_validate_json(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(message)'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise ProtocolError(f"bad {cls.__name__}: {problems}") from None
+
+
+# --- worker agent <-> coordinator ---------------------------------------------------------
+
+
+class DeviceFacts(Part):
+    """What a worker machine is; shown in /cluster and used for memory-weighted plans."""
+
+    host: str
+    platform: str
+    machine: str = ""
+    cpu: str = ""
+    cpu_count: int = Field(0, ge=0)
+    memory_bytes: int = Field(0, ge=0)
+    mlx_device: str = "unknown"
+    python: str = ""
+
+
+class RegisterRequest(Message):
+    """An agent joining: its facts and where its engine's collectives can be reached."""
+
+    facts: DeviceFacts
+    address: str = Field(min_length=1)  # host or IP that peers use for the ring
+    collective_port: int | None = Field(None, ge=1, le=65535)  # None: base + rank
+    requested_rank: int | None = Field(None, ge=0)
+    shard_dir: str | None = None
+    agent_pid: int = 0
+
+
+class RegisterResponse(Message):
+    """The id the agent uses from now on, and how often to beat."""
+
+    worker_id: str
+    heartbeat_interval_seconds: float
+    heartbeat_timeout_seconds: float
+    cluster_state: ClusterState
+
+
+class WorkerMetrics(Part):
+    """Totals since the engine started; the coordinator keeps the latest report."""
+
+    memory_bytes: int = Field(0, ge=0)
+    peak_memory_bytes: int = Field(0, ge=0)
+    tokens_processed: int = Field(0, ge=0)
+    collective_seconds: float = Field(0.0, ge=0)
+    steps: int = Field(0, ge=0)
+
+
+class Heartbeat(Message):
+    """An agent saying it is alive, and how its engine child is doing."""
+
+    generation: int | None = None  # the assignment the engine runs, None before any
+    engine_state: EngineState = "idle"
+    engine_exit_code: int | None = None
+    metrics: WorkerMetrics | None = None
+
+
+class Assignment(Message):
+    """Everything an engine needs to join its group and load its shard.
+
+    `generation` grows each time the coordinator re-forms the cluster; an agent restarts its
+    engine whenever the generation it is handed differs from the one it runs.
+    """
+
+    generation: int = Field(ge=1)
+    worker_id: str
+    rank: int = Field(ge=0)
+    world_size: int = Field(ge=1)
+    hostfile: list[str]  # "host:port" of each rank's ring endpoint, in rank order
+    plan_weights: list[float]
+    model_name: str
+    model_path: str | None = None
+    dtype: str = "auto"
+    shard_dir: str | None = None
+    coordinator_url: str
+    backend: str = "ring"
+    collective_timeout_seconds: float = 60.0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Assignment:
+        n = self.world_size
+        if self.rank >= n or len(self.hostfile) != n or len(self.plan_weights) != n:
+            raise ValueError(
+                f"rank={self.rank}, {len(self.hostfile)} hostfile entries and "
+                f"{len(self.plan_weights)} plan weights do not fit world_size={n}"
+            )
+        return self
+
+
+class HeartbeatResponse(Message):
+    """The cluster state and the worker's current assignment (None while forming)."""
+
+    cluster_state: ClusterState
+    assignment: Assignment | None = None
+
+
+class LoadedReport(Message):
+    """An engine saying its shard is loaded and it joined the group."""
+
+    generation: int
+    rank: int
+    load_seconds: float = 0.0
+    metrics: WorkerMetrics | None = None
+
+
+class MetricsReport(Message):
+    """An engine's running totals, posted as often as it likes."""
+
+    generation: int
+    metrics: WorkerMetrics
+
+
+class Ack(Message):
+    """A plain acknowledgement."""
+
+    ok: bool = True
+
+
+# --- rank-0 engine <-> coordinator: the work queue -----------------------------------------
+
+
+class WorkPoll(Message):
+    """A long poll for the next request; answered after at most `wait_seconds` with 204."""
+
+    worker_id: str
+    generation: int
+    wait_seconds: float = Field(10.0, gt=0, le=60)
+
+
+class ChatMessage(Part):
+    """One turn of a conversation; the engine applies the chat template."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationRequest(Message):
+    """One request for the engine: a conversation (`chat`) or raw text (`completion`)."""
+
+    request_id: str
+    kind: Literal["chat", "completion"]
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # 0: off
+    seed: int | None = None
+    stop: list[str] = []
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _input_matches_kind(self) -> GenerationRequest:
+        if self.kind == "chat" and not self.messages:
+            raise ValueError("kind='chat' needs a non-empty messages list")
+        if self.kind == "completion" and self.prompt is None:
+            raise ValueError("kind='completion' needs a prompt")
+        return self
+
+
+class GenerationEvent(Part):
+    """A step of a generation: new text, and on the last one, why it stopped.
+
+    Token counts are running totals for the request, so the last event gives the usage.
+    """
+
+    text: str = ""
+    token_ids: list[int] = []
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+    error: str | None = None
+
+
+class EventBatch(Message):
+    """Events the engine has produced since its last post, oldest first."""
+
+    events: list[GenerationEvent]
+
+
+class CancelStatus(Message):
+    """Whether the engine should stop this request: its client went away or cancelled."""
+
+    cancelled: bool
+
+
+# --- views served by GET /cluster ----------------------------------------------------------
+
+
+class WorkerView(Part):
+    """One worker as the coordinator sees it."""
+
+    worker_id: str
+    rank: int | None
+    alive: bool
+    engine_state: EngineState
+    loaded: bool
+    address: str
+    seconds_since_heartbeat: float
+    facts: DeviceFacts
+    metrics: WorkerMetrics
+
+
+class ClusterView(Message):
+    """The cluster at a glance: state, workers, queue and throughput."""
+
+    state: ClusterState
+    reason: str
+    generation: int
+    world_size: int
+    model: str
+    plan_weights: list[float]
+    hostfile: list[str]
+    workers: list[WorkerView]
+    queue_depth: int
+    in_flight: int
+    requests_total: int
+    tokens_per_second: float

@@ -1,0 +1,373 @@
+"""The worker agent: registers with the coordinator, sends heartbeats, and supervises the
+engine child process, restarting it whenever its assignment changes.
+
+The agent never imports MLX: the engine does, in its own process, so a crashed or hung
+engine can be replaced without losing the worker's place in the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from shardcompute.config import load_config, resolve_cluster_token
+from shardcompute.errors import ShardComputeError
+from shardcompute.protocol import (
+    CLUSTER_TOKEN_ENV,
+    Assignment,
+    DeviceFacts,
+    EngineState,
+    Heartbeat,
+    HeartbeatResponse,
+    RegisterRequest,
+    RegisterResponse,
+    decode,
+)
+
+log = logging.getLogger("shardcompute.worker")
+
+ENGINE_COMMAND_ENV = "SHARDCOMPUTE_ENGINE_COMMAND"
+DEFAULT_ENGINE_COMMAND = [sys.executable, "-m", "shardcompute.worker.engine"]
+
+
+# --- device facts --------------------------------------------------------------------------
+
+
+def device_facts(mlx_probe: bool = True) -> DeviceFacts:
+    """What this machine is. The MLX device comes from a child process, not an import."""
+    return DeviceFacts(
+        host=socket.gethostname(),
+        platform=platform.platform(),
+        machine=platform.machine(),
+        cpu=_cpu_name(),
+        cpu_count=os.cpu_count() or 0,
+        memory_bytes=_memory_bytes(),
+        mlx_device=_mlx_device() if mlx_probe else "not probed",
+        python=platform.python_version(),
+    )
+
+
+def _cpu_name() -> str:
+    if sys.platform == "darwin":
+        return _run_quietly(["sysctl", "-n", "machdep.cpu.brand_string"]) or platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _mlx_device() -> str:
+    code = "import mlx.core as mx; print(mx.default_device())"
+    return _run_quietly([sys.executable, "-c", code], timeout=60) or "unavailable"
+
+
+def _run_quietly(cmd: list[str], timeout: float = 10) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def local_address_towards(url: str) -> str:
+    """The local IP this machine uses to reach `url`'s host: the address peers can dial."""
+    host = urlparse(url).hostname or "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))  # UDP connect sends nothing; it only picks a route
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+# --- the engine child ----------------------------------------------------------------------
+
+
+class EngineProcess:
+    """One engine child at a time, started from an assignment written to a JSON file."""
+
+    def __init__(self, command: list[str], work_dir: Path, env: dict[str, str]):
+        self._command = command
+        self._work_dir = work_dir
+        self._env = env
+        self._proc: subprocess.Popen | None = None
+        self.generation: int | None = None
+
+    def start(self, assignment: Assignment) -> None:
+        """Replace any running engine with one for `assignment`."""
+        self.stop()
+        path = self._work_dir / f"assignment-g{assignment.generation}.json"
+        path.write_text(assignment.model_dump_json(indent=2))
+        hostfile = self._work_dir / f"hostfile-g{assignment.generation}.json"
+        hostfile.write_text(json.dumps([[entry] for entry in assignment.hostfile]))
+        env = {**self._env, "MLX_RANK": str(assignment.rank), "MLX_HOSTFILE": str(hostfile)}
+        cmd = [*self._command, "--assignment", str(path)]
+        log.info(
+            "starting engine rank %d of generation %d: %s",
+            assignment.rank,
+            assignment.generation,
+            shlex.join(cmd),
+        )
+        # Same process group as the agent: whoever stops the agent's group stops the engine.
+        self._proc = subprocess.Popen(cmd, env=env)
+        self.generation = assignment.generation
+
+    def state(self) -> tuple[EngineState, int | None]:
+        """The engine's state and, once it exited, its exit code."""
+        if self._proc is None:
+            return "idle", None
+        code = self._proc.poll()
+        return ("running", None) if code is None else ("exited", code)
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """Terminate the engine, killing it if it ignores SIGTERM for `grace_seconds`."""
+        proc, self._proc, self.generation = self._proc, None, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(grace_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace_seconds)
+
+
+# --- talking to the coordinator ------------------------------------------------------------
+
+
+class Refused(ShardComputeError):
+    """The coordinator refused this worker for a reason retrying cannot fix."""
+
+
+class UnknownWorker(Exception):
+    """The coordinator no longer knows this worker (it restarted, or declared us dead)."""
+
+
+@dataclass
+class AgentSettings:
+    """Who this worker is and how it reaches the coordinator."""
+
+    coordinator_url: str
+    cluster_token: str
+    address: str
+    collective_port: int | None = None
+    requested_rank: int | None = None
+    shard_dir: str | None = None
+    engine_command: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINE_COMMAND))
+    connect_timeout_seconds: float = 120.0
+    mlx_probe: bool = True
+
+
+class Agent:
+    """Registers, beats, and keeps the engine child in step with the assignment."""
+
+    def __init__(self, settings: AgentSettings, work_dir: Path):
+        self.settings = settings
+        self._http = httpx.Client(
+            base_url=settings.coordinator_url.rstrip("/") + "/internal/v1",
+            headers={"Authorization": f"Bearer {settings.cluster_token}"},
+            timeout=10.0,
+        )
+        env = {**os.environ, CLUSTER_TOKEN_ENV: settings.cluster_token}
+        self.engine = EngineProcess(settings.engine_command, work_dir, env)
+        self._facts = device_facts(settings.mlx_probe)
+        self.worker_id: str | None = None
+        self.interval = 2.0
+
+    def run(self, stop: threading.Event) -> None:
+        """Register, then beat every interval until `stop` is set; the engine stops with us."""
+        try:
+            self.register()
+            while not stop.is_set():
+                self.beat()
+                stop.wait(self.interval)
+        finally:
+            self.engine.stop()
+            self._http.close()
+
+    def register(self) -> None:
+        """Join the cluster, retrying while the coordinator is unreachable."""
+        s = self.settings
+        request = RegisterRequest(
+            facts=self._facts,
+            address=s.address,
+            collective_port=s.collective_port,
+            requested_rank=s.requested_rank,
+            shard_dir=s.shard_dir,
+            agent_pid=os.getpid(),
+        )
+        deadline = time.monotonic() + s.connect_timeout_seconds
+        while True:
+            try:
+                reply = self._call("/workers/register", request, RegisterResponse)
+                break
+            except httpx.TransportError as e:
+                if time.monotonic() > deadline:
+                    raise Refused(
+                        f"cannot reach the coordinator at {s.coordinator_url}: {e}"
+                    ) from None
+                time.sleep(1.0)
+        self.worker_id, self.interval = reply.worker_id, reply.heartbeat_interval_seconds
+        log.info(
+            "registered as %s with %s (cluster %s)",
+            self.worker_id,
+            s.coordinator_url,
+            reply.cluster_state,
+        )
+
+    def beat(self) -> None:
+        """One heartbeat; start, restart or stop the engine as the reply says."""
+        state, code = self.engine.state()
+        beat = Heartbeat(
+            generation=self.engine.generation, engine_state=state, engine_exit_code=code
+        )
+        try:
+            reply = self._call(f"/workers/{self.worker_id}/heartbeat", beat, HeartbeatResponse)
+        except UnknownWorker:
+            log.warning("the coordinator forgot worker %s; registering again", self.worker_id)
+            self.engine.stop()
+            self.register()
+            return
+        except (httpx.TransportError, httpx.HTTPStatusError) as e:
+            log.warning("heartbeat failed (%s); retrying", e)
+            return
+        self._follow(reply.assignment)
+
+    def _follow(self, assignment: Assignment | None) -> None:
+        if assignment is None:
+            if self.engine.generation is not None:  # we are a spare now
+                self.engine.stop()
+            return
+        if assignment.generation != self.engine.generation:
+            # The coordinator may not know the URL we reach it by; ours works from here.
+            self.engine.start(
+                assignment.model_copy(update={"coordinator_url": self.settings.coordinator_url})
+            )
+
+    def _call(self, path: str, body, reply_type):
+        response = self._http.post(
+            path, content=body.model_dump_json(), headers={"content-type": "application/json"}
+        )
+        if response.status_code == 404 and "unknown_worker" in response.text:
+            raise UnknownWorker()
+        if response.status_code in (400, 401, 409):
+            raise Refused(f"the coordinator refused {path}: {_error_message(response)}")
+        response.raise_for_status()
+        return decode(reply_type, response.content)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shardcompute worker",
+        description="Run a worker agent: it joins the coordinator "
+        "and runs this machine's engine rank.",
+    )
+    p.add_argument("--coordinator-url", help="default: from the config's coordinator.host/port")
+    p.add_argument("--rank", type=int, help="ask for this rank (default: registration order)")
+    p.add_argument("--port", type=int, help="this rank's collective port (default: base + rank)")
+    p.add_argument("--shard-dir", help="pre-made shards on this machine")
+    p.add_argument(
+        "--address",
+        help="address peers dial for collectives (default: the route to the coordinator)",
+    )
+    p.add_argument("--config", help="cluster config YAML (for the token and defaults)")
+    p.add_argument(
+        "--engine-command",
+        help=f"engine command to run instead of the real engine "
+        f"(also ${ENGINE_COMMAND_ENV}); '--assignment PATH' is appended",
+    )
+    p.add_argument("--work-dir", help="where assignments are written (default: a temp dir)")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to keep trying to reach the coordinator",
+    )
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> AgentSettings:
+    """Agent settings from flags, the config file and the environment."""
+    config = load_config(args.config)
+    url = args.coordinator_url
+    if url is None:
+        host = config.coordinator.host
+        url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{config.coordinator.port}"
+    token = resolve_cluster_token(config.security, create=False)
+    if token is None:
+        raise Refused(
+            "no cluster token: set security.cluster_token or $"
+            + CLUSTER_TOKEN_ENV
+            + f", or run where the coordinator wrote {config.security.cluster_token_file}"
+        )
+    command = args.engine_command or os.environ.get(ENGINE_COMMAND_ENV)
+    return AgentSettings(
+        coordinator_url=url,
+        cluster_token=token,
+        address=args.address or local_address_towards(url),
+        collective_port=args.port,
+        requested_rank=args.rank,
+        shard_dir=args.shard_dir,
+        engine_command=shlex.split(command) if command else list(DEFAULT_ENGINE_COMMAND),
+        connect_timeout_seconds=args.connect_timeout,
+    )
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """`shardcompute worker`: run an agent until SIGINT or SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
+    args = _parser().parse_args(argv)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        settings = settings_from_args(args)
+        with tempfile.TemporaryDirectory(prefix="shardcompute-worker-") as tmp:
+            work_dir = Path(args.work_dir or tmp)
+            work_dir.mkdir(parents=True, exist_ok=True)
+            Agent(settings, work_dir).run(stop)
+    except ShardComputeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
