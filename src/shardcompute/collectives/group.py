@@ -74,7 +74,9 @@ class Collectives:
         """Every rank gets root's `x` (same shape and dtype on all ranks)."""
 
         def op(a: mx.array) -> mx.array:
-            mine = a if self.rank == root else mx.zeros_like(a)
+            # Non-roots send zeros, but after computing `a`: every rank must run the
+            # collectives inside `a`'s graph before this one, in the same order.
+            mine = a if self.rank == root else mx.depends([mx.zeros_like(a)], [a])[0]
             return mx.distributed.all_sum(mine, group=self.group)
 
         return self._run("broadcast", x, op)

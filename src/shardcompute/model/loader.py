@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,6 +16,8 @@ from shardcompute.model.sharder import (
     parallel_module_paths,
     read_shard,
     shard_state,
+    write_manifest,
+    write_shard,
 )
 from shardcompute.parallel.plan import make_plan
 
@@ -34,6 +36,8 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
     text = str(model)
     if text.startswith("dummy:"):
         return dummy_checkpoint(text.split(":", 1)[1])
+    if Path(text).exists():
+        return read_checkpoint(text)
     from shardcompute.model.download import resolve_model
 
     return read_checkpoint(resolve_model(text))
@@ -75,3 +79,26 @@ def load_model(
     out.load_weights(list(state.items()), strict=True)
     mx.eval(out.parameters())
     return out
+
+
+def shard_checkpoint(
+    model: str | Path,
+    world_size: int,
+    out_dir: str | Path,
+    weights: Sequence[float] | None = None,
+    on_rank: Callable[[int], None] | None = None,
+) -> Path:
+    """Write one safetensors file per rank (tensors as stored: quantized stays quantized)
+    and a manifest with the plan and each file's sha256. Returns the manifest path."""
+    ckpt = open_checkpoint(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(ckpt.args, world_size, weights, split_unit(ckpt, "native"))
+    files = []
+    for rank in range(world_size):
+        state = shard_state(Model(ckpt.args, plan, rank, Collectives(), ckpt.quant), ckpt.tensors)
+        files.append(write_shard(out_dir, rank, state))
+        del state
+        if on_rank:
+            on_rank(rank)
+    return write_manifest(out_dir, str(model), ckpt.args, plan, ckpt.quant, files)

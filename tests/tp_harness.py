@@ -1,0 +1,45 @@
+"""Run a model under N real rank processes and compare with the dense single process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from shardcompute.engine.generate import generate_tokens
+from shardcompute.engine.launch import launch_local
+from shardcompute.model.loader import load_model
+
+RANK_SCRIPT = str(Path(__file__).parent / "ranks" / "forward_case.py")
+RANK_TIMEOUT = 240.0
+
+
+def run_ranks(case: dict, out: Path) -> dict:
+    """Launch forward_case.py under case['world_size'] ranks; rank 0's results."""
+    out.mkdir(parents=True, exist_ok=True)
+    launch_local([RANK_SCRIPT, "--case", json.dumps(case), "--out", str(out)],
+                 case["world_size"], timeout=RANK_TIMEOUT)
+    result = json.loads((out / "result.json").read_text())
+    result["logits"] = np.load(out / "logits.npy")
+    result["full_logits"] = np.load(out / "full_logits.npy")
+    return result
+
+
+def dense_reference(model_src, dtype: str, prompt: list[int], max_tokens: int = 64) -> dict:
+    """The same measurements from the whole model in this process."""
+    model = load_model(model_src, dtype)
+    logits = np.array(model(mx.array([prompt]))[0].astype(mx.float32))
+    tokens = generate_tokens(model, prompt, max_tokens=max_tokens)
+    return {"logits": logits, "tokens": tokens}
+
+
+def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
+    """Max abs difference as a fraction of the reference logit range."""
+    return float(np.abs(a - ref).max() / (ref.max() - ref.min()))
+
+
+def print_bound(label: str, err: float) -> None:
+    print(f"[bound] {label}: max|diff|/range = {err:.2e}", file=sys.stderr)
