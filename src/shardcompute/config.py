@@ -186,10 +186,10 @@ def _validate(data: dict[str, Any], sources: Mapping[str, str]) -> ClusterConfig
     try:
         return ClusterConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_describe(e, data, sources)) from None
+        raise ConfigError(_describe(e, sources)) from None
 
 
-def _describe(error: ValidationError, data: dict[str, Any], sources: Mapping[str, str]) -> str:
+def _describe(error: ValidationError, sources: Mapping[str, str]) -> str:
     """One line per problem: the dotted key, what is wrong, the value and where it came from."""
     lines = []
     for item in error.errors():
@@ -199,10 +199,14 @@ def _describe(error: ValidationError, data: dict[str, Any], sources: Mapping[str
             lines.append(f"unknown config key {key}")
             continue
         msg = item["msg"].removeprefix("Value error, ")
-        if isinstance(item["input"], dict):  # a check across keys: its message names them
+        if item["type"] == "value_error" and isinstance(item["input"], dict):
+            # A check across keys of a section: its message names them.
             lines.append(f"config: {msg}")
             continue
-        source = sources.get(key, "defaults")
+        source = next(
+            (src for k, src in sources.items() if k == key or k.startswith(f"{key}.")),
+            "defaults",
+        )
         lines.append(f"config key {key}: {msg} (got {item['input']!r} from {source})")
     return "; ".join(lines)
 

@@ -57,18 +57,25 @@ def serve_one(http: httpx.Client, req: GenerationRequest, totals: WorkerMetrics)
         time.sleep(TOKEN_DELAY)
         last = i == n - 1
         finish = ("stop" if n == len(text) else "length") if last else None
-        event = GenerationEvent(text=ch, token_ids=[ord(ch)], finish_reason=finish,
-                                prompt_tokens=prompt_tokens, completion_tokens=i + 1)
-        r = http.post(f"/work/{req.request_id}/events", content=EventBatch(events=[event])
-                      .model_dump_json())
+        event = GenerationEvent(
+            text=ch,
+            token_ids=[ord(ch)],
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=i + 1,
+        )
+        r = http.post(
+            f"/work/{req.request_id}/events", content=EventBatch(events=[event]).model_dump_json()
+        )
         totals.tokens_processed += 1
         totals.steps += 1
         if decode(CancelStatus, r.content).cancelled:
             return
     if n == 0:
         event = GenerationEvent(finish_reason="stop", prompt_tokens=prompt_tokens)
-        http.post(f"/work/{req.request_id}/events", content=EventBatch(events=[event])
-                  .model_dump_json())
+        http.post(
+            f"/work/{req.request_id}/events", content=EventBatch(events=[event]).model_dump_json()
+        )
 
 
 def poll_forever(http: httpx.Client, a: Assignment) -> None:
@@ -93,8 +100,10 @@ def main() -> int:
     check_launch(a)
     http = httpx.Client(
         base_url=a.coordinator_url + "/internal/v1",
-        headers={"Authorization": f"Bearer {os.environ[CLUSTER_TOKEN_ENV]}",
-                 "content-type": "application/json"},
+        headers={
+            "Authorization": f"Bearer {os.environ[CLUSTER_TOKEN_ENV]}",
+            "content-type": "application/json",
+        },
         timeout=10.0,
     )
     loaded = LoadedReport(generation=a.generation, rank=a.rank, load_seconds=0.01)

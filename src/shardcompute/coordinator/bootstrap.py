@@ -24,18 +24,20 @@ class Candidate:
 def order_ranks(candidates: Sequence[Candidate], world_size: int) -> list[Candidate]:
     """Pick `world_size` candidates in rank order, or none when some rank has no taker.
 
-    Requested ranks are fixed; the rest fill the free ranks by previous rank, then by
-    registration order, so the same set of workers always gets the same ranks.
+    Requested ranks are fixed; survivors of the last group keep their previous rank; the
+    rest fill the free ranks in registration order. So the same workers get the same ranks.
     """
     slots: list[Candidate | None] = [None] * world_size
-    for c in candidates:
+    by_order = sorted(candidates, key=lambda c: c.order)
+    for c in by_order:
         if c.requested_rank is not None and c.requested_rank < world_size:
-            if slots[c.requested_rank] is None:
-                slots[c.requested_rank] = c
-    free = sorted(
-        (c for c in candidates if c.requested_rank is None),
-        key=lambda c: (c.previous_rank is None, c.previous_rank or 0, c.order),
-    )
+            slots[c.requested_rank] = slots[c.requested_rank] or c
+    free = [c for c in by_order if c.requested_rank is None]
+    for c in list(free):
+        rank = c.previous_rank
+        if rank is not None and rank < world_size and slots[rank] is None:
+            slots[rank] = c
+            free.remove(c)
     for i in range(world_size):
         if slots[i] is None and free:
             slots[i] = free.pop(0)

@@ -1,0 +1,229 @@
+"""Interactive chat against a ShardCompute coordinator (or any OpenAI-compatible server).
+
+The server applies the model's chat template, so the client keeps the whole conversation
+and sends it each turn. Reads stdin line by line, so it also works with piped input.
+Commands: /reset clears the history, /quit leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+
+API_KEY_ENVS = ("SHARDCOMPUTE_API_KEY", "SHARDCOMPUTE_SECURITY__API_KEY", "OPENAI_API_KEY")
+
+
+class ServerError(Exception):
+    """The server answered with an error; the message is the server's."""
+
+
+def api_client(url: str, api_key: str | None, timeout: float = 600.0) -> httpx.Client:
+    """An HTTP client for the OpenAI routes under `url`, with the API key if any."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout)
+
+
+def default_api_key() -> str | None:
+    """The API key from the first of API_KEY_ENVS that is set."""
+    return next((os.environ[e] for e in API_KEY_ENVS if os.environ.get(e)), None)
+
+
+def error_message(response: httpx.Response) -> str:
+    """The `error.message` of an OpenAI-style error body, or the status and raw text."""
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:300]}"
+
+
+def served_model(http: httpx.Client) -> str:
+    """The first model id the server lists."""
+    r = http.get("/models")
+    if r.status_code != 200:
+        raise ServerError(error_message(r))
+    return r.json()["data"][0]["id"]
+
+
+def stream_chunks(http: httpx.Client, path: str, body: dict[str, Any]) -> Iterator[dict]:
+    """POST a streaming request and yield each SSE chunk as a dict, up to [DONE]."""
+    with http.stream("POST", path, json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            r.read()
+            raise ServerError(error_message(r))
+        for line in r.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:") :].strip()
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise ServerError(chunk["error"].get("message", str(chunk["error"])))
+            yield chunk
+
+
+def chunk_text(chunk: dict) -> str:
+    """The text a chat or completion chunk carries ('' for the usage chunk)."""
+    if not chunk.get("choices"):
+        return ""
+    choice = chunk["choices"][0]
+    if "delta" in choice:
+        return choice["delta"].get("content") or ""
+    return choice.get("text") or ""
+
+
+@dataclass
+class Reply:
+    """One assistant turn and how fast it came."""
+
+    text: str
+    completion_tokens: int | None
+    first_token_seconds: float
+    total_seconds: float
+
+    def rate_line(self, count: int) -> str:
+        """`[N tokens, X tok/s, first token Y s]`, decode rate after the first token."""
+        decode = self.total_seconds - self.first_token_seconds
+        rate = (count - 1) / decode if count > 1 and decode > 0 else 0.0
+        return f"[{count} tokens, {rate:.1f} tok/s, first token {self.first_token_seconds:.2f}s]"
+
+
+class ChatSession:
+    """A conversation: history plus the sampling settings sent each turn."""
+
+    def __init__(self, http: httpx.Client, model: str, args: argparse.Namespace, out: Console):
+        self.http, self.model, self.out = http, model, out
+        self.system = args.system
+        self.params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+        self.history: list[dict[str, str]] = []
+
+    def ask(self, text: str) -> Reply:
+        """Send the conversation plus `text`, printing the reply as it streams."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        messages = [*system, *self.history, {"role": "user", "content": text}]
+        body = {
+            "model": self.model,
+            "messages": messages,
+            **self.params,
+            "stream_options": {"include_usage": True},
+        }
+        start, first, parts, tokens = time.perf_counter(), None, [], None
+        for chunk in stream_chunks(self.http, "/chat/completions", body):
+            piece = chunk_text(chunk)
+            if piece:
+                first = first or time.perf_counter()
+                parts.append(piece)
+                self.out.print(piece, end="", markup=False, highlight=False)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+        end = time.perf_counter()
+        reply = Reply("".join(parts), tokens, (first or end) - start, end - start)
+        # Only a completed turn joins the history, so an error leaves it consistent.
+        self.history += [messages[-1], {"role": "assistant", "content": reply.text}]
+        return reply
+
+
+def _count_tokens(reply: Reply, tokenizer: Any) -> int:
+    if reply.completion_tokens is not None:
+        return reply.completion_tokens
+    if tokenizer is not None:
+        return len(tokenizer.encode(reply.text).ids)
+    return len(reply.text.split())
+
+
+def _load_tokenizer(directory: str | None) -> Any:
+    # Only to count tokens when the server sends no usage; templating is the server's job.
+    if directory is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m shardcompute.client.chat",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--coordinator-url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", help="model id (default: the first the server lists)")
+    p.add_argument(
+        "--api-key",
+        default=default_api_key(),
+        help=f"API key (default: ${API_KEY_ENVS[0]} or ${API_KEY_ENVS[1]})",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="model dir with tokenizer.json, to count tokens locally if the server sends no usage",
+    )
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    return p
+
+
+def run_chat(session: ChatSession, lines: Iterator[str], tokenizer: Any) -> None:
+    """The read-eval-print loop; errors are printed and the loop goes on."""
+    out = session.out
+    for line in lines:
+        text = line.strip()
+        if text == "/quit":
+            break
+        if text == "/reset":
+            session.history.clear()
+            out.print("[dim](history cleared)[/dim]")
+            continue
+        if not text:
+            continue
+        out.print("[bold cyan]assistant>[/bold cyan] ", end="")
+        try:
+            reply = session.ask(text)
+        except (ServerError, httpx.HTTPError) as e:
+            out.print(f"\n[red]error:[/red] {e}", markup=True, highlight=False)
+            continue
+        out.print(f"\n[dim]{reply.rate_line(_count_tokens(reply, tokenizer))}[/dim]")
+
+
+def _input_lines(out: Console) -> Iterator[str]:
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            out.print("[bold green]you>[/bold green] ", end="")
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line
+
+
+def chat_main(argv: list[str] | None = None) -> int:
+    """Entry point: connect, then chat until /quit or end of input."""
+    args = _parser().parse_args(argv)
+    out = Console(highlight=False, soft_wrap=True)
+    with api_client(args.coordinator_url, args.api_key) as http:
+        try:
+            model = args.model or served_model(http)
+        except (ServerError, httpx.HTTPError) as e:
+            out.print(f"[red]error:[/red] cannot reach {args.coordinator_url}: {e}")
+            return 1
+        out.print(
+            f"[dim]chatting with {model} at {args.coordinator_url}; "
+            "/reset clears history, /quit leaves[/dim]"
+        )
+        session = ChatSession(http, model, args, out)
+        run_chat(session, _input_lines(out), _load_tokenizer(args.tokenizer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(chat_main())
