@@ -18,6 +18,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from shardcompute.errors import ModelFormatError
+from shardcompute.model.gguf_file import load_gguf
 
 CACHE_VERSION = 1  # bump when the build below changes, so stale caches are rebuilt
 CACHE_SUFFIX = ".tokenizer"  # model.gguf -> model.gguf.tokenizer/
@@ -81,10 +82,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of a GGUF file, with MLX scalars and arrays turned into Python values."""
     import mlx.core as mx  # only the GGUF path needs MLX
 
-    try:
-        _, meta = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # MLX raises RuntimeError/ValueError with gguflib's message
-        raise ModelFormatError(f"{path}: cannot read as GGUF: {e}") from e
+    _, meta = load_gguf(path)
     return {k: v.tolist() if isinstance(v, mx.array) else v for k, v in meta.items()}
 
 
