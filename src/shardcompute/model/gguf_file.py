@@ -91,8 +91,8 @@ def _check(r: _Reader, size: int) -> None:
     n_tensors, n_kv = r.u64(), r.u64()
     if n_tensors * 32 > size or n_kv * 13 > size:  # smallest tensor info / key-value entry
         raise ModelFormatError(
-            f"{r.path}: truncated or corrupt GGUF header: {n_tensors} tensors and {n_kv} metadata entries "
-            f"cannot fit in {size} bytes"
+            f"{r.path}: truncated or corrupt GGUF header: {n_tensors} tensors and "
+            f"{n_kv} metadata entries cannot fit in {size} bytes"
         )
     alignment = DEFAULT_ALIGNMENT
     for _ in range(n_kv):
