@@ -40,7 +40,6 @@ def prompts(tokenizer) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def hf_model(smollm2_gguf):
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     return LlamaForCausalLM.from_pretrained(
         smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
     ).eval()
