@@ -80,6 +80,11 @@ class ModelArgs(BaseModel):
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         fields = dict(config)
+        rope = config.get("rope_parameters")  # transformers 5 layout
+        if isinstance(rope, dict):
+            fields.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+            if rope.get("rope_type", "default") != "default":
+                fields.setdefault("rope_scaling", rope)
         fields["model_type"] = known[0] if known else model_type
         fields.setdefault("num_key_value_heads", config.get("num_attention_heads"))
         if fields.get("head_dim") is None:

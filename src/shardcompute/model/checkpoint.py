@@ -13,6 +13,7 @@ import mlx.core as mx
 
 from shardcompute.errors import ModelFormatError
 from shardcompute.model.args import ModelArgs, dummy_args
+from shardcompute.model.gguf_file import load_gguf
 from shardcompute.parallel.linear import QuantSpec
 
 GGUF_NAMES = {
@@ -87,10 +88,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 def read_gguf(path: Path) -> Checkpoint:
     if not path.is_file():
         raise ModelFormatError(f"{path}: GGUF file not found")
-    try:
-        tensors, meta = mx.load(str(path), return_metadata=True)
-    except Exception as e:  # MLX raises RuntimeError/ValueError with gguflib's message
-        raise ModelFormatError(f"{path}: unreadable GGUF file ({e})") from None
+    tensors, meta = load_gguf(path)  # checks the file first: a corrupt header crashes MLX
     args = ModelArgs.from_gguf_metadata(meta, str(path))
     tied = "output.weight" not in tensors
     args = args.model_copy(update={"tie_word_embeddings": tied})
