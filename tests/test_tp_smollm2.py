@@ -22,8 +22,13 @@ def dtype_case(request, smollm2_gguf):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_equals_dense(dtype_case, world_size, smollm2_gguf, tmp_path):
     dtype, ref = dtype_case
-    case = {"model": str(smollm2_gguf), "world_size": world_size, "dtype": dtype,
-            "prompt_ids": PROMPT, "max_tokens": TOKENS}
+    case = {
+        "model": str(smollm2_gguf),
+        "world_size": world_size,
+        "dtype": dtype,
+        "prompt_ids": PROMPT,
+        "max_tokens": TOKENS,
+    }
     got = run_ranks(case, tmp_path)
 
     err = rel_error(got["logits"], ref["logits"])
@@ -33,8 +38,16 @@ def test_sharded_equals_dense(dtype_case, world_size, smollm2_gguf, tmp_path):
     assert len(got["tokens"]) == TOKENS
     # Decoding with the KV cache equals recomputing the whole sequence.
     assert got["recomputed"] == got["tokens"]
-    args = ModelArgs(**{"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152})
+    args = ModelArgs(
+        **{
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "vocab_size": 49152,
+        }
+    )
     assert sum(got["counts"].values()) == collectives_per_forward(args) == 62
     assert got["counts"] == {"all_reduce": 60, "all_gather": 2}
     kv = [r["kv_heads"] for r in got["plan"]["ranks"]]

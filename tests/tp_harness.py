@@ -20,8 +20,11 @@ RANK_TIMEOUT = 240.0
 def run_ranks(case: dict, out: Path) -> dict:
     """Launch forward_case.py under case['world_size'] ranks; rank 0's results."""
     out.mkdir(parents=True, exist_ok=True)
-    launch_local([RANK_SCRIPT, "--case", json.dumps(case), "--out", str(out)],
-                 case["world_size"], timeout=RANK_TIMEOUT)
+    launch_local(
+        [RANK_SCRIPT, "--case", json.dumps(case), "--out", str(out)],
+        case["world_size"],
+        timeout=RANK_TIMEOUT,
+    )
     result = json.loads((out / "result.json").read_text())
     result["logits"] = np.load(out / "logits.npy")
     result["full_logits"] = np.load(out / "full_logits.npy")

@@ -116,6 +116,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardcompute", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name in DELEGATED:
+        sub.add_parser(name, help=f"see `shardcompute {name} --help`", add_help=False)
 
     g = sub.add_parser("generate", help="generate text with N local ranks")
     add_model_flags(g)
@@ -139,12 +141,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_shard)
 
     d = sub.add_parser("download", help="fetch a model into the local cache")
-    d.add_argument("name", nargs="?", default=DEFAULT_MODEL, help="short name or HF repo id")
+    from shardcompute.model.download import add_download_args
+
+    add_download_args(d)
     d.set_defaults(func=cmd_download)
     return parser
 
 
+# Subcommands with parsers of their own (the control plane; none of them imports MLX).
+DELEGATED = {
+    "coordinator": ("shardcompute.coordinator.cli", "coordinator_main"),
+    "worker": ("shardcompute.worker.agent", "worker_main"),
+    "up": ("shardcompute.coordinator.up", "up_main"),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module, func = DELEGATED[argv[0]]
+        return getattr(importlib.import_module(module), func)(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
