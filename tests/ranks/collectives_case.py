@@ -1,0 +1,38 @@
+"""Run under N ranks: exercise every collective and write what rank 0 got."""
+
+# isort: off
+import shardcompute  # noqa: F401  (first: preloads OpenBLAS before mlx.core)
+# isort: on
+
+import json
+import sys
+
+import mlx.core as mx
+
+from shardcompute.collectives.group import Collectives, init_group
+
+
+def main() -> None:
+    backend, world_size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    comm = Collectives(init_group(backend, world_size))
+    r = comm.rank
+    summed = comm.all_sum(mx.full((3,), float(r + 1)))
+    sizes = [r_ + 1 for r_ in range(world_size)]  # uneven: rank r holds r + 1 columns
+    gathered = comm.all_gather(mx.full((2, r + 1), float(r)), axis=-1, sizes=sizes)
+    token = comm.broadcast(mx.array([41 + r, 7], mx.int32))
+    obj = comm.broadcast_object({"from": r, "text": "héllo"} if r == 0 else None)
+    comm.barrier()
+    result = {
+        "sum": summed.tolist(),
+        "gathered": gathered.tolist(),
+        "token": token.tolist(),
+        "obj": obj,
+        "counts": dict(comm.counts),
+    }
+    if r == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
