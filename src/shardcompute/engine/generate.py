@@ -44,19 +44,23 @@ def generate_step(
     while prompt.shape[1] > PREFILL_STEP:  # chunked prefill bounds peak memory
         mx.eval(model(prompt[:, :PREFILL_STEP], cache, last_only=True))
         prompt = prompt[:, PREFILL_STEP:]
-    y = step(prompt)
+    y = next_y = step(prompt)
     mx.async_eval(y)
-    for n in range(params.max_tokens):
-        if n + 1 < params.max_tokens:  # build the next step while this one computes
-            next_y = step(y[:1][None])
-            mx.async_eval(next_y)
-        token, stop = y.tolist()
-        if stop:
-            return
-        yield token
-        if token in stop_ids:
-            return
-        y = next_y
+    try:
+        for n in range(params.max_tokens):
+            if n + 1 < params.max_tokens:  # build the next step while this one computes
+                next_y = step(y[:1][None])
+                mx.async_eval(next_y)
+            token, stop = y.tolist()
+            if stop:
+                return
+            yield token
+            if token in stop_ids:
+                return
+            y = next_y
+    finally:
+        # Finish the step in flight on every rank, so none exits with a peer mid-collective.
+        mx.eval(next_y)
 
 
 @dataclass
@@ -120,8 +124,8 @@ def stream_generate(
             prompt_tps = len(prompt_ids) / (gen_start - start)
         n += 1
         if token in params.stop_token_ids:
-            finish = "stop"
-            break
+            finish = "stop"  # generate_step ends here by itself, on every rank
+            continue
         delta = detok.add(token)
         text += delta
         delta, hit = _cut_at_stop(text, delta, params.stop)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from shardcompute.errors import CollectiveError
 
+FOLLOWER_GRACE = 15.0  # seconds a follower may outlive a successful rank 0
+
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """n distinct ports free right now (bound then released)."""
@@ -108,6 +110,8 @@ def supervise(procs, logs, timeout: float | None) -> RankFailure | None:
                 return RankFailure(rank, code, _tail(logs[rank]))
         if all(c == 0 for c in codes):
             return None
+        if codes[0] == 0:  # rank 0 is done: followers get a grace period, then a kill
+            deadline = min(deadline or float("inf"), time.monotonic() + FOLLOWER_GRACE)
         if deadline and time.monotonic() > deadline:
             rank = next(r for r, c in enumerate(codes) if c is None)
             return RankFailure(rank, None, _tail(logs[rank]))
