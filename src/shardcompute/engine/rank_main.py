@@ -23,9 +23,27 @@ def load_spec(spec: ModelSpec, comm: Collectives) -> Model:
     return load_model(spec.model, spec.dtype, comm, spec.weights, spec.shard_dir)
 
 
+class ByteTokenizer:
+    """For random-weight models, which have no tokenizer: prompt bytes in, token ids out."""
+
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def apply_chat_template(self, messages, **_) -> list[int]:
+        return self.encode("\n".join(m["content"] for m in messages))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
 def tokenizer_for(spec: ModelSpec):
     """The tokenizer of the model (or the copy saved beside pre-made shards)."""
     from shardcompute.model.tokenizer import load_tokenizer
+
+    if spec.model and spec.model.startswith("dummy:"):
+        return ByteTokenizer()
 
     if spec.shard_dir and (Path(spec.shard_dir) / "tokenizer").is_dir():
         return load_tokenizer(Path(spec.shard_dir) / "tokenizer")
