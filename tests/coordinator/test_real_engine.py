@@ -84,3 +84,10 @@ def test_engine_reports_metrics(client, real_cluster):
     workers = real_cluster.cluster()["workers"]
     assert all(w["loaded"] for w in workers)
     assert all(w["metrics"]["tokens_processed"] > 0 for w in workers), workers
+
+
+def test_bad_request_fails_alone(client, expected):
+    with pytest.raises(openai.APIError) as err:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=100_000, temperature=0)
+    assert "context" in str(err.value)
+    assert ask(client, stream=False).choices[0].message.content == expected
