@@ -118,6 +118,11 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
                 f"request body is not valid JSON: {err.get('ctx', {}).get('error', '')}"
             )
             continue
+        if not loc and err["type"] in ("model_attributes_type", "dict_type"):
+            problems.append(
+                "request body must be a JSON object with Content-Type: application/json"
+            )
+            continue
         param = ".".join(loc) or "body"
         params.append(param)
         problems.append(f"{param}: {err['msg'].removeprefix('Value error, ')}")

@@ -1,0 +1,163 @@
+"""A real local cluster for control-plane tests: a coordinator and worker agents as separate
+processes on 127.0.0.1, running the fake engine. Every wait is bounded."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
+CLUSTER_TOKEN = "test-cluster-token"
+API_KEY = "sk-test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, poll: float = 0.05):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class LocalCluster:
+    """Processes started by a test; stop() kills each one's whole process group."""
+
+    def __init__(self, tmp: Path, world_size: int = 2, api_key: str | None = None, **config):
+        self.tmp = tmp
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.config = tmp / "cluster.yaml"
+        lines = [
+            "coordinator:",
+            "  heartbeat_interval_seconds: 0.2",
+            "  heartbeat_timeout_seconds: 1.0",
+            f"  request_timeout_seconds: {config.get('request_timeout', 30)}",
+            "parallelism:",
+            f"  tensor_parallel_size: {world_size}",
+            "worker:",
+            f"  collective_port_base: {free_port()}",
+            "security:",
+            f"  cluster_token_file: {tmp / 'token-file-unused'}",
+        ]
+        if api_key:
+            lines.append(f"  api_key: {api_key}")
+        self.config.write_text("\n".join(lines) + "\n")
+        self.env = {
+            **os.environ,
+            "SHARDCOMPUTE_SECURITY__CLUSTER_TOKEN": CLUSTER_TOKEN,
+            "FAKE_ENGINE_TOKEN_DELAY": str(config.get("token_delay", 0.002)),
+        }
+
+    def spawn(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env or self.env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_coordinator(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "shardcompute.coordinator",
+            "--config",
+            str(self.config),
+            "--port",
+            str(self.port),
+        ]
+        self.spawn("coordinator", cmd)
+        wait_for(self._healthy, 20, "the coordinator's /health")
+
+    def start_agent(self, name: str, *extra: str, env: dict | None = None) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            "shardcompute.worker.agent",
+            "--coordinator-url",
+            self.url,
+            "--engine-command",
+            f"{sys.executable} {FAKE_ENGINE}",
+            "--connect-timeout",
+            "10",
+            *extra,
+        ]
+        return self.spawn(name, cmd, env)
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def cluster(self) -> dict:
+        return httpx.get(f"{self.url}/cluster", timeout=5).json()
+
+    def wait_state(self, state: str, timeout: float = 20) -> dict:
+        return wait_for(
+            lambda: (v := self.cluster())["state"] == state and v,
+            timeout,
+            f"cluster state {state}; logs:\n{self.logs()}",
+        )
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(self.tmp.glob("*.log"))
+        )
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            kill_group(proc, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+            kill_group(proc, signal.SIGKILL)
+            proc.wait(5)
+
+
+def kill_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def start_cluster(tmp: Path, world_size: int = 2, **kw) -> LocalCluster:
+    """A coordinator and `world_size` agents, waited on until ready."""
+    cluster = LocalCluster(tmp, world_size, **kw)
+    try:
+        cluster.start_coordinator()
+        for rank in range(world_size):
+            cluster.start_agent(f"agent{rank}", "--rank", str(rank))
+        cluster.wait_state("ready", 30)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
