@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 API_KEY_ENVS = ("SHARDCOMPUTE_API_KEY", "SHARDCOMPUTE_SECURITY__API_KEY", "OPENAI_API_KEY")
 
@@ -190,7 +191,7 @@ def run_chat(session: ChatSession, lines: Iterator[str], tokenizer: Any) -> None
         try:
             reply = session.ask(text)
         except (ServerError, httpx.HTTPError) as e:
-            out.print(f"\n[red]error:[/red] {e}", markup=True, highlight=False)
+            out.print(f"\n[red]error:[/red] {escape(str(e))}")
             continue
         out.print(f"\n[dim]{reply.rate_line(_count_tokens(reply, tokenizer))}[/dim]")
 
@@ -214,7 +215,7 @@ def chat_main(argv: list[str] | None = None) -> int:
         try:
             model = args.model or served_model(http)
         except (ServerError, httpx.HTTPError) as e:
-            out.print(f"[red]error:[/red] cannot reach {args.coordinator_url}: {e}")
+            out.print(f"[red]error:[/red] cannot reach {args.coordinator_url}: {escape(str(e))}")
             return 1
         out.print(
             f"[dim]chatting with {model} at {args.coordinator_url}; "

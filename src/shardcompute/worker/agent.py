@@ -35,6 +35,8 @@ from shardcompute.protocol import (
     EngineState,
     Heartbeat,
     HeartbeatResponse,
+    M,
+    Message,
     RegisterRequest,
     RegisterResponse,
     decode,
@@ -270,7 +272,7 @@ class Agent:
                 assignment.model_copy(update={"coordinator_url": self.settings.coordinator_url})
             )
 
-    def _call(self, path: str, body, reply_type):
+    def _call(self, path: str, body: Message, reply_type: type[M]) -> M:
         response = self._http.post(
             path, content=body.model_dump_json(), headers={"content-type": "application/json"}
         )
