@@ -97,6 +97,15 @@ def _commands(args: argparse.Namespace, url: str) -> list[tuple[str, list[str]]]
     return [("coordinator", coordinator), *workers]
 
 
+def _die_with_parent() -> None:
+    # Linux only: SIGTERM the child if `up` itself is killed with SIGKILL and cannot clean up.
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def start_children(args: argparse.Namespace, url: str, log_dir: Path) -> list[Child]:
     """Start the coordinator and the agents, sharing a fresh cluster token."""
     env = {**os.environ, CLUSTER_TOKEN_ENV: secrets.token_urlsafe(24)}
@@ -113,6 +122,7 @@ def start_children(args: argparse.Namespace, url: str, log_dir: Path) -> list[Ch
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         children.append(Child(name, proc, log))
     return children
