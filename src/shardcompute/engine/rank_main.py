@@ -52,15 +52,15 @@ def tokenizer_for(spec: ModelSpec):
     return load_tokenizer(resolve_model(spec.model))
 
 
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if chat:
-        messages = [{"role": "user", "content": prompt}]
-        return list(
-            tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-        )
-    return tokenizer.encode(prompt)
+def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> list[int]:
+    """Raw text, or (with `chat`) a user message or a message list through the chat template."""
+    if not chat:
+        return tokenizer.encode(prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return list(ids)
 
 
 def stop_ids(tokenizer, model: Model) -> tuple[int, ...]:

@@ -103,11 +103,7 @@ def prompt_ids_for(tokenizer, req: GenerationRequest) -> list[int]:
     if req.kind == "completion":
         return encode_prompt(tokenizer, req.prompt or "", chat=False)
     messages = [m.model_dump() for m in req.messages or []]
-    return list(
-        tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-    )
+    return encode_prompt(tokenizer, messages, chat=True)
 
 
 def plan_request(tokenizer, model: Model, req: GenerationRequest) -> dict:
