@@ -1,8 +1,8 @@
 """ShardCompute: Megatron-style tensor parallelism for Llama-family models on MLX."""
 
-from shardcompute._blas import preload_openblas
+from shardcompute._blas import preload_blas
 
 __version__ = "0.1.0"
 
 # Must run before anything imports mlx.core; every submodule import runs this file first.
-preload_openblas()
+preload_blas()

@@ -1,38 +1,149 @@
-"""Make `mlx[cpu]` on Linux use OpenBLAS instead of its bundled reference BLAS.
+"""Fast float32 matmul for `mlx[cpu]` on Linux, set up before MLX is imported.
 
-MLX's CPU backend resolves sgemm/sgemv from the global symbol table, so loading OpenBLAS with
-RTLD_GLOBAL before `import mlx.core` gives ~35x faster float32 matmul. Nothing here imports
-MLX. Set SHARDCOMPUTE_OPENBLAS=0 to skip, or to a library path to pick one.
+MLX's CPU backend does every float32 matmul with `cblas_sgemm`, resolved from the global
+symbol table, and the wheel bundles a slow reference BLAS. Two levers, in order of preference:
+
+1. A small routing library (`csrc/gemv_route.c`, compiled once with the system C compiler
+   and cached) is loaded RTLD_GLOBAL. Its `cblas_sgemm` sends single-row products (every
+   matmul of a decode step) to OpenBLAS's `sgemv`, about 2-3x faster there than `sgemm`,
+   and all else to `sgemm`. The OpenBLAS behind it is the `scipy-openblas32` wheel when
+   installed (a recent release, prefixed symbols), else the system's.
+2. Without a C compiler: the system OpenBLAS (`libopenblas0-pthread`) loaded RTLD_GLOBAL.
+
+`SHARDCOMPUTE_OPENBLAS=0` skips both; `SHARDCOMPUTE_GEMV_ROUTE=0` skips the router only.
+`SHARDCOMPUTE_BLAS_THREADS=N` sets the BLAS thread count. Nothing here imports MLX.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
-CANDIDATES = (
+SYSTEM_OPENBLAS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "libopenblas.so.0",
 )
+ROUTE_SOURCE = Path(__file__).parent / "csrc" / "gemv_route.c"
 
-loaded: str | None = None
+
+@dataclass(frozen=True)
+class BlasSetup:
+    """What `preload_blas` put in place, for logs and benchmarks."""
+
+    library: str  # the OpenBLAS doing the work
+    routed: bool  # single-row matmuls go to sgemv
+    handle: ctypes.CDLL | None = None
+
+    def describe(self) -> str:
+        how = "sgemv-routed" if self.routed else "sgemm only"
+        return f"{Path(self.library).name} ({how})"
+
+    def set_threads(self, n: int) -> None:
+        if self.handle is not None:
+            self.handle.gemv_route_set_threads(n)
+        else:
+            _set_threads_direct(self.library, n)
+
+    def routed_calls(self) -> int:
+        return self.handle.gemv_route_calls() if self.handle is not None else 0
 
 
-def preload_openblas() -> str | None:
-    """Load OpenBLAS globally if present (Linux only); return the path loaded, or None."""
-    global loaded
-    choice = os.environ.get("SHARDCOMPUTE_OPENBLAS", "")
-    if loaded or not sys.platform.startswith("linux") or choice == "0":
-        return loaded
-    if "mlx.core" in sys.modules:
-        return None  # too late to matter
-    for path in (choice,) if choice else CANDIDATES:
+loaded: BlasSetup | None = None
+
+
+def _openblas_candidates() -> list[tuple[str, str]]:
+    """(library path, symbol prefix), best first."""
+    found = []
+    try:
+        import scipy_openblas32
+
+        lib = Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)
+        found.append((str(lib), "scipy_"))
+    except (ImportError, OSError, IndexError):
+        pass
+    found += [(path, "") for path in SYSTEM_OPENBLAS]
+    return found
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SHARDCOMPUTE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "shardcompute"
+    )
+    return Path(root) / "blas"
+
+
+def build_router() -> Path | None:
+    """Compile the routing library once per source version; None without a C compiler."""
+    source = ROUTE_SOURCE.read_bytes()
+    target = _cache_dir() / f"gemv_route-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    if target.exists():
+        return target
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so concurrent ranks never load a half-written file.
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    cmd = [cc, "-O2", "-shared", "-fPIC", "-o", str(partial), str(ROUTE_SOURCE), "-ldl"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        print(f"shardcompute: could not build {ROUTE_SOURCE.name}: {done.stderr}", file=sys.stderr)
+        return None
+    partial.replace(target)
+    return target
+
+
+def _try_router() -> BlasSetup | None:
+    router = build_router()
+    if router is None:
+        return None
+    # Load privately first: its cblas_sgemm only goes global once it has a BLAS behind it.
+    handle = ctypes.CDLL(str(router))
+    for path, prefix in _openblas_candidates():
+        if handle.gemv_route_init(path.encode(), prefix.encode()) == 0:
+            ctypes.CDLL(str(router), mode=ctypes.RTLD_GLOBAL)  # promotes the same object
+            return BlasSetup(path, routed=True, handle=handle)
+    return None
+
+
+def _try_system() -> BlasSetup | None:
+    for path in SYSTEM_OPENBLAS:
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        loaded = path
-        return path
+        return BlasSetup(path, routed=False)
     return None
+
+
+def _set_threads_direct(path: str, n: int) -> None:
+    try:
+        ctypes.CDLL(path).openblas_set_num_threads(n)
+    except (OSError, AttributeError):
+        pass
+
+
+def preload_blas() -> BlasSetup | None:
+    """Put the fast BLAS in place (Linux only); return what was set up, or None."""
+    global loaded
+    if loaded or not sys.platform.startswith("linux"):
+        return loaded
+    if os.environ.get("SHARDCOMPUTE_OPENBLAS") == "0" or "mlx.core" in sys.modules:
+        return None  # opted out, or too late to matter
+    if os.environ.get("SHARDCOMPUTE_GEMV_ROUTE") != "0":
+        loaded = _try_router()
+    loaded = loaded or _try_system()
+    threads = os.environ.get("SHARDCOMPUTE_BLAS_THREADS")
+    if loaded and threads:
+        loaded.set_threads(int(threads))
+    return loaded

@@ -38,13 +38,15 @@ def model_source(args: argparse.Namespace) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from shardcompute.engine.job import GenerateJob, ModelSpec
+    from shardcompute.engine.launch import launch_local, resolve_backend
     from shardcompute.engine.sampling import SamplingParams
     from shardcompute.parallel.plan import parse_weights
 
     weights = parse_weights(args.weights, args.world_size) if args.weights else None
+    backend = resolve_backend(args.backend)
     job = GenerateJob(
         world_size=args.world_size,
-        backend=args.backend,
+        backend=backend,
         spec=ModelSpec(
             model=model_source(args), shard_dir=args.shard_dir, dtype=args.dtype, weights=weights
         ),
@@ -63,8 +65,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         run(job)
         return 0
-    from shardcompute.engine.launch import launch_local
-
     with tempfile.TemporaryDirectory(prefix="shardcompute-job-") as tmp:
         job_file = Path(tmp) / "job.json"
         job_file.write_text(job.model_dump_json())
@@ -72,6 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ["-m", "shardcompute.engine.rank_main", "--job", str(job_file)],
             args.world_size,
             timeout=args.timeout,
+            backend=backend,
         )
 
 
@@ -124,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="raw text (see --chat)")
     g.add_argument("--chat", action="store_true", help="apply the model's chat template")
     g.add_argument("--world-size", type=int, default=1)
-    g.add_argument("--backend", default="ring", help="mx.distributed backend (ring, mpi, ...)")
+    g.add_argument(
+        "--backend",
+        default="auto",
+        help="mx.distributed backend for the local ranks: auto (mpi if Open MPI is installed, "
+        "else ring), ring, mpi",
+    )
     g.add_argument("--shard-dir", help="load pre-made shards from this directory")
     g.add_argument("--max-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -153,6 +159,7 @@ DELEGATED = {
     "coordinator": ("shardcompute.coordinator.cli", "coordinator_main"),
     "worker": ("shardcompute.worker.agent", "worker_main"),
     "up": ("shardcompute.coordinator.up", "up_main"),
+    "bench": ("shardcompute.bench.engine_bench", "bench_main"),
 }
 
 

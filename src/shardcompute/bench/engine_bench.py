@@ -1,0 +1,220 @@
+"""`shardcompute bench`: the engine benchmark, no HTTP.
+
+A grid of model x dtype x world size (x prompt length x generation length). Each cell runs
+real ranks (`engine_rank.py`) and reports prefill and decode tok/s, TTFT, GB/s streamed per
+rank, collectives per token and the time in them, all-reduce latency by size and peak memory.
+Beside it: this machine's memory bandwidth and the decode bound it implies, and with
+`--compare` mlx-lm on the same weights. Output: a table, JSON rows, and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from shardcompute.engine.job import ModelSpec
+from shardcompute.engine.launch import launch_local, resolve_backend
+from shardcompute.errors import ShardComputeError
+
+console = Console(stderr=True, highlight=False)
+
+BANDWIDTH_SCRIPT = """
+import json, sys, time, numpy as np
+n = int(sys.argv[1]) // 8
+a, b = np.ones(n, np.float32), np.ones(n, np.float32)
+rates = []
+for _ in range(30):
+    t = time.perf_counter(); a @ b; rates.append(2 * a.nbytes / (time.perf_counter() - t))
+print(json.dumps(sorted(rates)[len(rates) // 2]))
+"""
+
+
+def measure_bandwidth(procs: int, nbytes: int = 1 << 29) -> float:
+    """Aggregate read bandwidth (GB/s) of `procs` single-threaded processes at once."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", BANDWIDTH_SCRIPT, str(nbytes // procs)]
+    running = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE) for _ in range(procs)]
+    return sum(float(p.communicate(timeout=300)[0]) for p in running) / 1e9
+
+
+def _csv(text: str, kind=str) -> list:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardcompute bench", description=__doc__)
+    p.add_argument("--model", default="smollm2-135m", help="comma list; dummy:NAME for random")
+    p.add_argument("--world-sizes", default="1,2", help="comma list, e.g. 1,2,3")
+    p.add_argument("--dtype", default="float32", help="comma list: float32,bfloat16,quantized")
+    p.add_argument("--prompt-tokens", default="128", help="comma list")
+    p.add_argument("--max-tokens", default="64", help="comma list")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--backend", default="auto", help="auto (mpi if installed, else ring), ring, mpi"
+    )
+    p.add_argument("--weights", help="per-rank plan weights for world size 2, e.g. 2,1")
+    p.add_argument("--compare", action="store_true", help="also time mlx-lm (installs it)")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--plot", help="write a PNG of decode tok/s against world size here")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per grid cell")
+    return p
+
+
+def run_cell(job, timeout: float) -> list[dict]:
+    """Launch one cell's ranks; rank 0's rows."""
+    with tempfile.TemporaryDirectory(prefix="shardcompute-bench-") as tmp:
+        job_file, out = Path(tmp) / "job.json", Path(tmp) / "rows.json"
+        job_file.write_text(job.model_dump_json())
+        argv = ["-m", "shardcompute.bench.engine_rank", "--job", str(job_file), "--out", str(out)]
+        launch_local(argv, job.world_size, timeout=timeout, backend=job.backend)
+        return json.loads(out.read_text())
+
+
+def add_bound(rows: list[dict], bandwidth: dict[int, float]) -> None:
+    """The decode bound: each rank streams its weights once per token at its bandwidth share."""
+    cores = os.cpu_count() or 1
+    for row in rows:
+        ws = row["world_size"]
+        share = bandwidth[min(ws, cores)] / ws
+        row["bandwidth_gb_s_per_rank"] = share
+        row["bound_tok_s"] = min(share * 1e9 / b for b in row["streamed_bytes_per_rank"])
+
+
+def compare_mlx_lm(args, model: str) -> list[dict]:
+    """mlx-lm rows for `model`, with the system OpenBLAS (its usual set-up) and with our
+    sgemv routing (the same BLAS lever we use). Real checkpoints only."""
+    from shardcompute.bench.mlx_lm_peer import export_hf_dir
+    from shardcompute.model.download import cache_dir
+
+    try:
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        console.print("installing mlx-lm for --compare")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "mlx-lm"], check=True)
+    model_dir = export_hf_dir(model, cache_dir() / "hf-export" / Path(model).name)
+    rows = []
+    for route, threads in (("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")):
+        env = {**os.environ, "SHARDCOMPUTE_GEMV_ROUTE": route, "OPENBLAS_NUM_THREADS": threads}
+        cmd = [sys.executable, "-m", "shardcompute.bench.mlx_lm_peer", "--model-dir"]
+        cmd += [str(model_dir), "--prompt-tokens", *args.prompt_tokens.split(",")]
+        cmd += ["--max-tokens", *args.max_tokens.split(","), "--trials", str(args.trials)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+        if done.returncode != 0:
+            raise ShardComputeError(f"mlx-lm run failed: {done.stderr.strip()[-2000:]}")
+        for line in done.stdout.splitlines():
+            row = json.loads(line)
+            row.update(model=f"{model} (mlx-lm)", world_size=1, dtype="float32")
+            row.update(backend="none", blas_threads=int(threads))
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    t = Table(title="shardcompute bench")
+    for col in ("model", "dtype", "ws", "P/T", "prefill tok/s", "decode tok/s", "bound"):
+        t.add_column(col)
+    for col in ("GB/s per rank", "coll/tok", "coll ms/tok", "share", "peak MB/rank"):
+        t.add_column(col)
+    for r in rows:
+        coll = r.get("collective_s_per_token")
+        share = coll / r["profiled_step_s"] if coll is not None else None
+        t.add_row(
+            str(r["model"]),
+            str(r["dtype"]),
+            str(r["world_size"]),
+            f"{r['prompt_tokens']}/{r['max_tokens']}",
+            f"{r['prefill_tok_s']:.1f}",
+            f"{r['decode_tok_s']:.1f}",
+            f"{r['bound_tok_s']:.0f}" if "bound_tok_s" in r else "",
+            " ".join(f"{g:.1f}" for g in r.get("gb_s_per_rank", [])),
+            f"{r['collectives_per_token']:.0f}" if "collectives_per_token" in r else "",
+            f"{coll * 1e3:.2f}" if coll is not None else "",
+            f"{share:.0%}" if share is not None else "",
+            " ".join(f"{m / 2**20:.0f}" for m in r.get("peak_memory_bytes_per_rank", [])),
+        )
+    Console(highlight=False, width=max(160, console.width)).print(t)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        series.setdefault(f"{r['model']} {r['dtype']} P{r['prompt_tokens']}", []).append(r)
+    for label, rs in series.items():
+        rs.sort(key=lambda r: r["world_size"])
+        ws = [r["world_size"] for r in rs]
+        line = ax.plot(ws, [r["decode_tok_s"] for r in rs], "o-", label=label)[0]
+        if all("bound_tok_s" in r for r in rs):
+            bounds = [r["bound_tok_s"] for r in rs]
+            ax.plot(ws, bounds, "--", color=line.get_color(), alpha=0.6, label=f"{label} bound")
+    ax.set_xlabel("world size")
+    ax.set_ylabel("decode tok/s")
+    ax.set_xticks(sorted({r["world_size"] for r in rows}))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    from shardcompute.bench.engine_rank import BenchJob
+    from shardcompute.parallel.plan import parse_weights
+
+    args = _parser().parse_args(argv)
+    models, dtypes = _csv(args.model), _csv(args.dtype)
+    world_sizes = _csv(args.world_sizes, int)
+    cores = os.cpu_count() or 1
+    with console.status("measuring memory bandwidth"):
+        bandwidth = {n: measure_bandwidth(n) for n in sorted({min(w, cores) for w in world_sizes})}
+    for n, gb in bandwidth.items():
+        console.print(f"memory bandwidth, {n} process(es): {gb:.1f} GB/s")
+    rows: list[dict] = []
+    try:
+        for model in models:
+            for dtype in dtypes:
+                for ws in world_sizes:
+                    weights = parse_weights(args.weights, ws) if args.weights and ws == 2 else None
+                    job = BenchJob(
+                        world_size=ws,
+                        backend=resolve_backend(args.backend) if ws > 1 else "ring",
+                        spec=ModelSpec(model=model, dtype=dtype, weights=weights),
+                        prompt_tokens=tuple(_csv(args.prompt_tokens, int)),
+                        max_tokens=tuple(_csv(args.max_tokens, int)),
+                        trials=args.trials,
+                        warmup=args.warmup,
+                        seed=args.seed,
+                    )
+                    with console.status(f"{model} {dtype} world size {ws}"):
+                        cell = run_cell(job, args.timeout)
+                    add_bound(cell, bandwidth)
+                    rows += cell
+                    print_table(cell)
+            if args.compare and not model.startswith("dummy:"):
+                with console.status(f"mlx-lm on {model}"):
+                    rows += compare_mlx_lm(args, model)
+    except ShardComputeError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    for row in rows:
+        row["machine_bandwidth_gb_s"] = bandwidth
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot([r for r in rows if "bound_tok_s" in r], args.plot)
+    return 0

@@ -1,0 +1,63 @@
+"""`shardcompute bench` end to end on a tiny checkpoint, and the BLAS routing under it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from shardcompute import _blas
+
+ROW_FIELDS = {"model", "world_size", "dtype", "prefill_tok_s", "decode_tok_s", "step_s"}
+
+
+def test_bench_rows(tiny_hf_model, tmp_path):
+    model = tiny_hf_model("llama3")
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "-m", "shardcompute.cli", "bench", "--model", str(model)]
+    cmd += ["--world-sizes", "1,2", "--prompt-tokens", "8", "--max-tokens", "6"]
+    cmd += ["--trials", "1", "--backend", "ring", "--json", str(out)]
+    cmd += ["--plot", str(tmp_path / "plot.png")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["world_size"] for r in rows] == [1, 2]
+    for row in rows:
+        assert ROW_FIELDS | {"collective_s_per_token", "bound_tok_s"} <= row.keys()
+        assert row["decode_tok_s"] > 0 and row["step_s"] == pytest.approx(1 / row["decode_tok_s"])
+        assert len(row["streamed_bytes_per_rank"]) == row["world_size"]
+    config = json.loads((model / "config.json").read_text())
+    # Per token: 2 all-reduces per layer, the embedding's gather, the token choice's gather.
+    assert rows[1]["collectives_per_token"] == 2 * config["num_hidden_layers"] + 2
+    assert rows[1]["collectives_by_op"]["all_gather"] == 2
+    assert set(rows[1]["allreduce_us_by_bytes"]) >= {"4", "16384"}
+    # Each rank streams about half the weights.
+    one, two = rows[0]["streamed_bytes_per_rank"][0], rows[1]["streamed_bytes_per_rank"]
+    assert sum(two) == pytest.approx(one, rel=0.05)
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not (_blas.loaded and _blas.loaded.routed), reason="no sgemv routing here")
+@pytest.mark.parametrize("shape", [(1, 64, 96), (1, 96, 64), (5, 64, 96), (64, 96, 1)])
+def test_routed_matmul_matches_numpy(shape):
+    """Every operand layout of a single-row (or column) product, routed to sgemv."""
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    bias = rng.standard_normal((m, n), np.float32)
+    before = _blas.loaded.routed_calls()
+    # Row-major, and transposed views of each operand (MLX passes those as transposed).
+    for x, y in [
+        (mx.array(a), mx.array(b)),
+        (mx.array(a), mx.array(b.T).T),
+        (mx.array(a.T).T, mx.array(b)),
+    ]:
+        np.testing.assert_allclose(np.array(x @ y), a @ b, rtol=1e-4, atol=1e-4)
+    got = mx.addmm(mx.array(bias), mx.array(a), mx.array(b), alpha=0.5, beta=2.0)
+    np.testing.assert_allclose(np.array(got), 0.5 * a @ b + 2 * bias, rtol=1e-4, atol=1e-4)
+    routed = _blas.loaded.routed_calls() - before
+    assert routed == (4 if 1 in (m, n) else 0)
