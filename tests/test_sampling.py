@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from shardcompute.collectives.group import Collectives
 from shardcompute.engine.job import GenerateJob, ModelSpec
-from shardcompute.engine.sampling import SamplingParams, make_sampler
+from shardcompute.engine.sampling import SamplingParams, VocabParallelChooser, make_sampler
+from shardcompute.parallel.linear import VocabParallelLMHead
 
 LOGITS = mx.array([[0.0, 5.0, 4.0, -1.0, 3.0]])
 
@@ -45,3 +48,20 @@ def test_job_round_trip():
         params=SamplingParams(temperature=0.7, stop=("\n",), seed=3),
     )
     assert GenerateJob.model_validate_json(job.model_dump_json()) == job
+
+
+def test_vocab_parallel_chooser_is_exact():
+    """One rank's chooser: greedy is the argmax; temperature draws follow softmax(logits/T)."""
+    head = VocabParallelLMHead(1, (0, LOGITS.shape[1]), [LOGITS.shape[1]], Collectives())
+    head.weight = LOGITS.T  # logits = h @ W.T with h = [[1]]
+    h = mx.ones((1, 1, 1))
+    greedy = VocabParallelChooser(SamplingParams(temperature=0), head, seed=0)
+    assert greedy(h, 0).tolist() == [1, 0]
+    assert greedy(h, 1).tolist() == [1, 1]  # rank 0's stop flag rides along
+
+    temperature, n = 2.0, 4000
+    chooser = VocabParallelChooser(SamplingParams(temperature=temperature), head, seed=3)
+    counts = np.bincount([chooser(h, 0)[0].item() for _ in range(n)], minlength=5)
+    expected = np.array(mx.softmax(LOGITS[0] / temperature)) * n
+    # Pearson chi-square, 4 degrees of freedom: 18.5 is the 0.1% tail.
+    assert ((counts - expected) ** 2 / expected).sum() < 18.5

@@ -35,6 +35,7 @@ def test_sharded_equals_dense(dtype_case, world_size, smollm2_gguf, tmp_path):
     print_bound(f"smollm2 {dtype} world size {world_size} logits", err)
     assert err < 1e-4
     assert got["tokens"] == ref["tokens"]
+    assert got["sampled"] == ref["sampled"]
     assert len(got["tokens"]) == TOKENS
     # Decoding with the KV cache equals recomputing the whole sequence.
     assert got["recomputed"] == got["tokens"]

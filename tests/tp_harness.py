@@ -21,7 +21,7 @@ def run_ranks(case: dict, out: Path) -> dict:
     """Launch forward_case.py under case['world_size'] ranks; rank 0's results."""
     out.mkdir(parents=True, exist_ok=True)
     launch_local(
-        [RANK_SCRIPT, "--case", json.dumps(case), "--out", str(out)],
+        [RANK_SCRIPT, "--case", json.dumps({"sample": SAMPLE, **case}), "--out", str(out)],
         case["world_size"],
         timeout=RANK_TIMEOUT,
     )
@@ -36,7 +36,15 @@ def dense_reference(model_src, dtype: str, prompt: list[int], max_tokens: int = 
     model = load_model(model_src, dtype)
     logits = np.array(model(mx.array([prompt]))[0].astype(mx.float32))
     tokens = generate_tokens(model, prompt, max_tokens=max_tokens)
-    return {"logits": logits, "tokens": tokens}
+    return {"logits": logits, "tokens": tokens, "sampled": sampled_tokens(model, prompt)}
+
+
+# Seeded temperature sampling must give the same tokens at every world size (Gumbel-max).
+SAMPLE = {"max_tokens": 16, "temperature": 0.8, "seed": 1234}
+
+
+def sampled_tokens(model, prompt: list[int]) -> list[int]:
+    return generate_tokens(model, prompt, **SAMPLE)
 
 
 def rel_error(a: np.ndarray, ref: np.ndarray) -> float:

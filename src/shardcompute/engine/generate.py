@@ -1,20 +1,23 @@
 """Generation in three layers: `generate_step` (token ids, every rank) -> `stream_generate`
 (text deltas and timings, rank 0) -> `generate` (a string).
 
-SPMD: every rank runs `generate_step` with the same prompt and the same step count. Rank 0
-samples and broadcasts each step's message [token, stop]; the others follow it. `stop` is
-rank 0's host-side decision (a stop string, a cancelled request), so all ranks end together.
+SPMD: every rank runs `generate_step` with the same prompt and the same step count. Each step
+ends in one small all-gather that gives every rank the same message [token, stop] (see
+`VocabParallelChooser`). `stop` is rank 0's host-side decision (a stop string, a cancelled
+request), so all ranks end together.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import mlx.core as mx
 
-from shardcompute.engine.sampling import SamplingParams, make_sampler
+from shardcompute.collectives.group import Collectives
+from shardcompute.engine.sampling import SamplingParams, VocabParallelChooser
 from shardcompute.model.llama import Model
 
 PREFILL_STEP = 512
@@ -28,21 +31,19 @@ def generate_step(
 ) -> Iterator[int]:
     """Yield generated token ids; ends at max_tokens, a stop token, or rank 0's stop flag."""
     comm, cache = model.comm, model.make_cache()
-    sampler = make_sampler(params)
     stop_ids = set(params.stop_token_ids)
     if not prompt_ids:
         raise ValueError("prompt is empty: at least one token is needed")
+    choose = VocabParallelChooser(params, model.lm_head, shared_seed(comm, params))
 
     def step(ids: mx.array) -> mx.array:
-        """ids (1, L) -> broadcast message (2,) int32: [token, stop]."""
-        logits = model(ids, cache, last_only=True)[:, -1]  # (1, vocab)
+        """ids (1, L) -> the step message (2,) int32: [token, stop]."""
         flag = int(bool(should_stop and should_stop())) if comm.rank == 0 else 0
-        msg = mx.concatenate([sampler(logits).astype(mx.int32), mx.array([flag], mx.int32)])
-        return comm.broadcast(msg)
+        return choose(model.last_hidden(ids, cache), flag)
 
     prompt = mx.array(prompt_ids, dtype=mx.int32)[None]
     while prompt.shape[1] > PREFILL_STEP:  # chunked prefill bounds peak memory
-        mx.eval(model(prompt[:, :PREFILL_STEP], cache, last_only=True))
+        mx.eval(model.last_hidden(prompt[:, :PREFILL_STEP], cache))
         prompt = prompt[:, PREFILL_STEP:]
     y = next_y = step(prompt)
     mx.async_eval(y)
@@ -61,6 +62,14 @@ def generate_step(
     finally:
         # Finish the step in flight on every rank, so none exits with a peer mid-collective.
         mx.eval(next_y)
+
+
+def shared_seed(comm: Collectives, params: SamplingParams) -> int:
+    """The request's seed, or rank 0's random one sent to all: sampling must agree across ranks."""
+    if params.seed is not None or params.temperature == 0:
+        return params.seed or 0
+    seed = int.from_bytes(os.urandom(3), "little") if comm.rank == 0 else 0
+    return int(comm.broadcast(mx.array([seed], mx.int32)).item()) if comm.size > 1 else seed
 
 
 @dataclass

@@ -113,5 +113,9 @@ class Model(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h)
 
+    def last_hidden(self, ids: mx.array, cache: list[KVCache]) -> mx.array:
+        """The final hidden state of the last position, (B, 1, hidden): the LM head's input."""
+        return self.model(ids, cache)[:, -1:]
+
     def make_cache(self) -> list[KVCache]:
         return make_cache(self.args.num_hidden_layers)

@@ -138,6 +138,12 @@ class VocabParallelLMHead(ColumnParallelLinear):
         self.vocab_sizes = vocab_sizes
         self.comm = comm
 
-    def __call__(self, x: mx.array) -> mx.array:
-        local_logits = super().__call__(x)  # (B, L, local_vocab)
+    def local_logits(self, x: mx.array) -> mx.array:
+        """This rank's slice of the logits, (B, L, local_vocab): no communication."""
+        return super().__call__(x)
+
+    def gather(self, local_logits: mx.array) -> mx.array:
         return self.comm.all_gather(local_logits, axis=-1, sizes=self.vocab_sizes)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.gather(self.local_logits(x))
