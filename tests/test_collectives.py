@@ -1,4 +1,4 @@
-"""The collectives contract: identity on one rank, and the same answers over the ring."""
+"""The collectives contract: identity on one rank, and the same answers over ring and MPI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 
 from shardcompute.collectives.group import Collectives
-from shardcompute.engine.launch import launch_local
+from shardcompute.engine.launch import launch_local, mpi_available
 
 SCRIPT = str(Path(__file__).parent / "ranks" / "collectives_case.py")
 
@@ -22,10 +22,18 @@ def test_size_one_group_is_identity_and_counts():
     assert comm.counts == {"all_reduce": 1, "all_gather": 1, "broadcast": 2}
 
 
+BACKENDS = [
+    "ring",
+    pytest.param("mpi", marks=pytest.mark.skipif(not mpi_available(), reason="no Open MPI")),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_ring_contract(world_size, tmp_path):
+def test_collectives_contract(world_size, backend, tmp_path):
     out = tmp_path / "out.json"
-    launch_local([SCRIPT, "ring", str(world_size), str(out)], world_size, timeout=60)
+    argv = [SCRIPT, backend, str(world_size), str(out)]
+    launch_local(argv, world_size, timeout=60, backend=backend)
     got = json.loads(out.read_text())
     total = sum(range(1, world_size + 1))
     assert got["sum"] == [float(total)] * 3
