@@ -22,6 +22,28 @@ def smollm2_gguf() -> Path:
     return resolve_model(DEFAULT_MODEL)
 
 
+@pytest.fixture(scope="session")
+def greedy_chat_reply(smollm2_gguf) -> Callable[[str, int], str]:
+    """Factory: `greedy_chat_reply(question, max_tokens)` -> the greedy reply of the dense,
+    single-process SmolLM2 (float32) to one user message through its chat template."""
+    from shardcompute.engine.generate import stream_generate
+    from shardcompute.engine.job import ModelSpec
+    from shardcompute.engine.rank_main import encode_prompt, stop_ids, tokenizer_for
+    from shardcompute.engine.sampling import SamplingParams
+    from shardcompute.model.loader import load_model
+
+    model = load_model(smollm2_gguf, "float32")
+    tokenizer = tokenizer_for(ModelSpec(model=str(smollm2_gguf)))
+
+    def reply(question: str, max_tokens: int) -> str:
+        ids = encode_prompt(tokenizer, question, chat=True)
+        stops = stop_ids(tokenizer, model)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=stops)
+        return "".join(r.text for r in stream_generate(model, tokenizer, ids, params))
+
+    return reply
+
+
 # Small enough to build in milliseconds, shaped for sharding at world sizes 2 and 4: 4 KV
 # heads, and every split dimension (heads * head_dim, intermediate, vocab) a multiple of 4 * 32,
 # so quantized weights (group 32) split too. initializer_range is large so attention is sharp

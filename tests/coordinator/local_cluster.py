@@ -3,47 +3,26 @@ processes on 127.0.0.1, running the fake engine. Every wait is bounded."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+
+from processes import Processes, child_env, free_port, wait_for
 
 FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
 CLUSTER_TOKEN = "test-cluster-token"
 API_KEY = "sk-test-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, poll: float = 0.05):
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class LocalCluster:
-    """Processes started by a test; stop() kills each one's whole process group."""
+class LocalCluster(Processes):
+    """A coordinator and agents started by a test; stop() kills each one's process group."""
 
     def __init__(self, tmp: Path, world_size: int = 2, api_key: str | None = None, **config):
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.procs: dict[str, subprocess.Popen] = {}
         self.config = tmp / "cluster.yaml"
         lines = [
             "coordinator:",
@@ -60,25 +39,11 @@ class LocalCluster:
         if api_key:
             lines.append(f"  api_key: {api_key}")
         self.config.write_text("\n".join(lines) + "\n")
-        self.env = {
-            **os.environ,
-            "SHARDCOMPUTE_SECURITY__CLUSTER_TOKEN": CLUSTER_TOKEN,
-            "FAKE_ENGINE_TOKEN_DELAY": str(config.get("token_delay", 0.002)),
-        }
-
-    def spawn(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(self.tmp / f"{name}.log", "wb")
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env or self.env,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
+        env = child_env(
+            SHARDCOMPUTE_SECURITY__CLUSTER_TOKEN=CLUSTER_TOKEN,
+            FAKE_ENGINE_TOKEN_DELAY=str(config.get("token_delay", 0.002)),
         )
-        log.close()
-        self.procs[name] = proc
-        return proc
+        super().__init__(tmp, env)
 
     def start_coordinator(self) -> None:
         cmd = [
@@ -123,30 +88,6 @@ class LocalCluster:
             timeout,
             f"cluster state {state}; logs:\n{self.logs()}",
         )
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-            for p in sorted(self.tmp.glob("*.log"))
-        )
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            kill_group(proc, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-            kill_group(proc, signal.SIGKILL)
-            proc.wait(5)
-
-
-def kill_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def start_cluster(tmp: Path, world_size: int = 2, **kw) -> LocalCluster:

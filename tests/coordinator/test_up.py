@@ -1,40 +1,27 @@
-"""`shardcompute up` starts a working local cluster, and SIGINT leaves no process behind."""
+"""`shardcompute up` starts a working local cluster, and leaves no process behind: after
+SIGINT, and after answering --prompt with the real engine."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
-from local_cluster import FAKE_ENGINE, free_port, wait_for
+from local_cluster import FAKE_ENGINE
 
+from processes import (
+    Processes,
+    alive,
+    chat_replies,
+    descendants,
+    free_port,
+    wait_for,
+)
 
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+QUESTION = "What is the capital of France?"
+MAX_TOKENS = 16
 
 
 def test_up_serves_then_sigint_stops_everything(tmp_path):
@@ -79,3 +66,29 @@ def test_up_serves_then_sigint_stops_everything(tmp_path):
             except subprocess.TimeoutExpired:
                 up.kill()
                 up.wait(5)
+
+
+def test_up_prompt_answers_like_the_dense_model_then_stops(tmp_path, greedy_chat_reply):
+    expected = greedy_chat_reply(QUESTION, MAX_TOKENS)
+    procs = Processes(tmp_path)
+    cmd = [sys.executable, "-m", "shardcompute.coordinator.up", "--workers", "2", "--port",
+           str(free_port()), "--prompt", QUESTION, "--max-tokens", str(MAX_TOKENS),
+           "--log-dir", str(tmp_path / "up-logs"), "--ready-timeout", "120"]  # fmt: skip
+    try:
+        output = procs.run("up", cmd, timeout=180)  # asserts exit code 0
+        assert chat_replies(output) == [expected], output
+        assert "ready: http://127.0.0.1:" in output and "stopping" in output
+        wait_for(lambda: not procs.leftovers(), 5, "every child of up to exit")
+    finally:
+        procs.stop()
+
+
+def test_up_refuses_a_port_in_use():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "shardcompute.coordinator.up", "--port", str(port),
+               "--prompt", QUESTION]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in out.stdout

@@ -199,6 +199,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         return 2
     print_report(report, console)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
         console.print(f"wrote {args.json}")
     return 1 if report["errors"] else 0

@@ -92,30 +92,49 @@ class Reply:
     first_token_seconds: float
     total_seconds: float
 
-    def rate_line(self, count: int) -> str:
+    def token_count(self, tokenizer: Any = None) -> int:
+        """The server's usage count; else counted with `tokenizer`; else whitespace words."""
+        if self.completion_tokens is not None:
+            return self.completion_tokens
+        if tokenizer is not None:
+            return len(tokenizer.encode(self.text).ids)
+        return len(self.text.split())
+
+    def rate_line(self, tokenizer: Any = None) -> str:
         """`[N tokens, X tok/s, first token Y s]`, decode rate after the first token."""
+        count = self.token_count(tokenizer)
         decode = self.total_seconds - self.first_token_seconds
         rate = (count - 1) / decode if count > 1 and decode > 0 else 0.0
         return f"[{count} tokens, {rate:.1f} tok/s, first token {self.first_token_seconds:.2f}s]"
 
 
-class ChatSession:
-    """A conversation: history plus the sampling settings sent each turn."""
+@dataclass(frozen=True)
+class ChatSettings:
+    """What every turn sends besides the conversation."""
 
-    def __init__(self, http: httpx.Client, model: str, args: argparse.Namespace, out: Console):
-        self.http, self.model, self.out = http, model, out
-        self.system = args.system
-        self.params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    model: str | None = None  # None: the first model the server lists
+    system: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0  # greedy, so a question gets the same answer every time
+
+
+class ChatSession:
+    """A conversation: history plus the settings sent each turn."""
+
+    def __init__(self, http: httpx.Client, model: str, settings: ChatSettings, out: Console):
+        self.http, self.model, self.settings, self.out = http, model, settings, out
         self.history: list[dict[str, str]] = []
 
     def ask(self, text: str) -> Reply:
         """Send the conversation plus `text`, printing the reply as it streams."""
-        system = [{"role": "system", "content": self.system}] if self.system else []
+        s = self.settings
+        system = [{"role": "system", "content": s.system}] if s.system else []
         messages = [*system, *self.history, {"role": "user", "content": text}]
         body = {
             "model": self.model,
             "messages": messages,
-            **self.params,
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
             "stream_options": {"include_usage": True},
         }
         start, first, parts, tokens = time.perf_counter(), None, [], None
@@ -133,13 +152,16 @@ class ChatSession:
         self.history += [messages[-1], {"role": "assistant", "content": reply.text}]
         return reply
 
-
-def _count_tokens(reply: Reply, tokenizer: Any) -> int:
-    if reply.completion_tokens is not None:
-        return reply.completion_tokens
-    if tokenizer is not None:
-        return len(tokenizer.encode(reply.text).ids)
-    return len(reply.text.split())
+    def turn(self, text: str, tokenizer: Any = None) -> Reply | None:
+        """Ask, printing `assistant>`, the streamed reply and its rate line, or the error."""
+        self.out.print("[bold cyan]assistant>[/bold cyan] ", end="")
+        try:
+            reply = self.ask(text)
+        except (ServerError, httpx.HTTPError) as e:
+            self.out.print(f"\n[red]error:[/red] {escape(str(e))}")
+            return None
+        self.out.print(f"\n[dim]{reply.rate_line(tokenizer)}[/dim]")
+        return reply
 
 
 def _load_tokenizer(directory: str | None) -> Any:
@@ -169,31 +191,27 @@ def _parser() -> argparse.ArgumentParser:
         help="model dir with tokenizer.json, to count tokens locally if the server sends no usage",
     )
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=ChatSettings.max_tokens)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=ChatSettings.temperature,
+        help="0 (the default) is greedy: the same question gets the same answer",
+    )
     return p
 
 
-def run_chat(session: ChatSession, lines: Iterator[str], tokenizer: Any) -> None:
+def run_chat(session: ChatSession, lines: Iterator[str], tokenizer: Any = None) -> None:
     """The read-eval-print loop; errors are printed and the loop goes on."""
-    out = session.out
     for line in lines:
         text = line.strip()
         if text == "/quit":
             break
         if text == "/reset":
             session.history.clear()
-            out.print("[dim](history cleared)[/dim]")
-            continue
-        if not text:
-            continue
-        out.print("[bold cyan]assistant>[/bold cyan] ", end="")
-        try:
-            reply = session.ask(text)
-        except (ServerError, httpx.HTTPError) as e:
-            out.print(f"\n[red]error:[/red] {escape(str(e))}")
-            continue
-        out.print(f"\n[dim]{reply.rate_line(_count_tokens(reply, tokenizer))}[/dim]")
+            session.out.print("[dim](history cleared)[/dim]")
+        elif text:
+            session.turn(text, tokenizer)
 
 
 def _input_lines(out: Console) -> Iterator[str]:
@@ -207,23 +225,27 @@ def _input_lines(out: Console) -> Iterator[str]:
         yield line
 
 
-def chat_main(argv: list[str] | None = None) -> int:
-    """Entry point: connect, then chat until /quit or end of input."""
-    args = _parser().parse_args(argv)
-    out = Console(highlight=False, soft_wrap=True)
-    with api_client(args.coordinator_url, args.api_key) as http:
+def chat(
+    url: str, api_key: str | None, settings: ChatSettings, out: Console, tokenizer: Any = None
+) -> int:
+    """Connect, then chat on stdin until /quit or end of input; 1 if the server is unreachable."""
+    with api_client(url, api_key) as http:
         try:
-            model = args.model or served_model(http)
+            model = settings.model or served_model(http)
         except (ServerError, httpx.HTTPError) as e:
-            out.print(f"[red]error:[/red] cannot reach {args.coordinator_url}: {escape(str(e))}")
+            out.print(f"[red]error:[/red] cannot reach {url}: {escape(str(e))}")
             return 1
-        out.print(
-            f"[dim]chatting with {model} at {args.coordinator_url}; "
-            "/reset clears history, /quit leaves[/dim]"
-        )
-        session = ChatSession(http, model, args, out)
-        run_chat(session, _input_lines(out), _load_tokenizer(args.tokenizer))
+        out.print(f"[dim]chatting with {model} at {url}; /reset clears history, /quit leaves[/dim]")
+        run_chat(ChatSession(http, model, settings, out), _input_lines(out), tokenizer)
     return 0
+
+
+def chat_main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m shardcompute.client.chat`."""
+    args = _parser().parse_args(argv)
+    settings = ChatSettings(args.model, args.system, args.max_tokens, args.temperature)
+    out = Console(highlight=False, soft_wrap=True)
+    return chat(args.coordinator_url, args.api_key, settings, out, _load_tokenizer(args.tokenizer))
 
 
 if __name__ == "__main__":

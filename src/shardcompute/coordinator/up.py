@@ -1,7 +1,8 @@
 """`shardcompute up`: a coordinator and N worker agents on 127.0.0.1, as child processes.
 
-Each child leads its own process group (agents keep their engines in theirs), so stopping
-a group stops everything under it, and Ctrl-C leaves no process behind.
+Serves until Ctrl-C; with --prompt it answers one question and stops, with --chat it stops
+when the chat ends. Each child leads its own process group (agents keep their engines in
+theirs), so stopping a group stops everything under it and no process is left behind.
 """
 
 from __future__ import annotations
@@ -17,10 +18,22 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
+from shardcompute.client.chat import (
+    ChatSession,
+    ChatSettings,
+    ServerError,
+    api_client,
+    chat,
+    default_api_key,
+    served_model,
+)
+from shardcompute.config import load_config
 from shardcompute.errors import ShardComputeError
 from shardcompute.protocol import CLUSTER_TOKEN_ENV
 from shardcompute.worker.agent import ENGINE_COMMAND_ENV
@@ -53,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         "--ready-timeout", type=float, default=600.0, help="seconds to wait for every rank to load"
     )
     p.add_argument("--log-dir", help="where child logs go (default: a new temp dir)")
+    then = p.add_mutually_exclusive_group()
+    then.add_argument("--prompt", help="once ready, stream the answer to this, then stop")
+    then.add_argument("--chat", action="store_true", help="once ready, chat; stop on /quit")
+    p.add_argument("--max-tokens", type=int, default=64, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     return p
 
 
@@ -64,9 +82,12 @@ def free_port_block(count: int, start: int = 29500, end: int = 60000) -> int:
     raise ShardComputeError(f"no block of {count} free ports between {start} and {end}")
 
 
-def _can_bind(port: int) -> bool:
+def _can_bind(port: int, reuse_address: bool = False) -> bool:
+    # With reuse_address, as uvicorn binds: a port whose last server just exited is free.
     with socket.socket() as s:
         try:
+            if reuse_address:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
             return True
         except OSError:
@@ -140,7 +161,8 @@ def _check_alive(children: list[Child]) -> None:
 
 
 def wait_ready(url: str, children: list[Child], timeout: float) -> dict:
-    """Poll /ready until it answers 200; fail early if a child exits."""
+    """Poll /ready until it answers 200; fail early if a child exits or the engines keep
+    crashing (the coordinator gave up restarting them)."""
     deadline = time.monotonic() + timeout
     last: dict = {}
     while time.monotonic() < deadline:
@@ -152,8 +174,23 @@ def wait_ready(url: str, children: list[Child], timeout: float) -> dict:
                 return last
         except (httpx.HTTPError, ValueError):
             pass
+        if "gave up" in last.get("reason", ""):
+            raise ShardComputeError(
+                f"the cluster cannot start: {last['reason']}{_errors(children)}"
+            )
         time.sleep(0.25)
     raise ShardComputeError(f"the cluster was not ready after {timeout:.0f}s: {last}")
+
+
+def _errors(children: list[Child]) -> str:
+    """The last error line of each child's log, to say why without opening the logs."""
+    found = []
+    for child in children:
+        lines = child.log.read_text(errors="replace").splitlines()
+        last = next((x for x in reversed(lines) if "Error" in x or "error:" in x), None)
+        if last:
+            found.append(f"\n  {child.name} ({child.log}): {last.strip()}")
+    return "".join(found)
 
 
 def stop_children(children: list[Child], grace_seconds: float = 5.0) -> None:
@@ -183,11 +220,46 @@ def _on_sigterm(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def up_main(argv: list[str] | None = None) -> int:
-    """Entry point of `shardcompute up`: start, wait for ready, serve until Ctrl-C."""
-    args = _parser().parse_args(argv)
+def _serve(children: list[Child]) -> NoReturn:
+    """Serve until Ctrl-C (KeyboardInterrupt) or until a child dies (ShardComputeError)."""
+    while True:
+        _check_alive(children)
+        time.sleep(0.5)
+
+
+def _talk(args: argparse.Namespace, url: str) -> int:
+    """--chat: the chat client on stdin. --prompt: one streamed answer; 1 if it failed."""
+    settings = ChatSettings(max_tokens=args.max_tokens, temperature=args.temperature)
+    # The key a --config may require; else the chat client's usual env vars.
+    api_key = load_config(args.config).security.api_key or default_api_key()
+    if args.chat:
+        return chat(url, api_key, settings, console)
+    with api_client(url, api_key) as http:
+        try:
+            session = ChatSession(http, served_model(http), settings, console)
+        except (ServerError, httpx.HTTPError) as e:
+            raise ShardComputeError(f"cannot reach the cluster's API at {url}/v1: {e}") from None
+        console.print(f"[bold green]you>[/bold green] {escape(args.prompt)}")
+        return 0 if session.turn(args.prompt) else 1
+
+
+def _check_args(args: argparse.Namespace) -> None:
     if args.workers < 1:
-        console.print(f"error: --workers must be at least 1, got {args.workers}")
+        raise ShardComputeError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_tokens < 1:
+        raise ShardComputeError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    # Else /ready of whatever holds the port could answer for a cluster that never started.
+    if not _can_bind(args.port, reuse_address=True):
+        raise ShardComputeError(f"port {args.port} on 127.0.0.1 is in use; pick one with --port")
+
+
+def up_main(argv: list[str] | None = None) -> int:
+    """Entry point of `shardcompute up`: start, wait for ready, then serve, answer or chat."""
+    args = _parser().parse_args(argv)
+    try:
+        _check_args(args)
+    except ShardComputeError as e:
+        console.print(f"error: {escape(str(e))}")
         return 2
     # Started in the background by a script, we may inherit SIGINT ignored; take it back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -203,20 +275,20 @@ def up_main(argv: list[str] | None = None) -> int:
             f"(logs in {log_dir}); loading {args.model}..."
         )
         state = wait_ready(url, children, args.ready_timeout)
-        console.print(
-            f"ready: {url}/v1 serves {args.model!r} ({state['reason']}). Ctrl-C stops the cluster."
-        )
-        while True:
-            _check_alive(children)
-            time.sleep(0.5)
+        talk = args.prompt is not None or args.chat
+        hint = "" if talk else " Ctrl-C stops the cluster."
+        console.print(f"ready: {url}/v1 serves {args.model!r} ({state['reason']}).{hint}")
+        if talk:
+            return _talk(args, url)
+        _serve(children)
     except KeyboardInterrupt:
-        console.print("stopping...")
         return 0
     except ShardComputeError as e:
-        console.print(f"error: {e}")
+        console.print(f"error: {escape(str(e))}")
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
+        console.print("stopping...")
         stop_children(children)
 
 
