@@ -11,7 +11,12 @@ symbol table, and the wheel bundles a slow reference BLAS. Two levers, in order 
 2. Without a C compiler: the system OpenBLAS (`libopenblas0-pthread`) loaded RTLD_GLOBAL.
 
 `SHARDCOMPUTE_OPENBLAS=0` skips both; `SHARDCOMPUTE_GEMV_ROUTE=0` skips the router only.
-`SHARDCOMPUTE_BLAS_THREADS=N` sets the BLAS thread count. Nothing here imports MLX.
+Threads: one per process unless OPENBLAS_NUM_THREADS says otherwise. More BLAS threads than
+that lost 3-13x on this 2-core machine whenever it had other work (OpenBLAS threads spin and
+fight for the cores); one core already streams a decode gemv near the memory bandwidth. With
+more threads, the router still runs a gemv on one thread unless its matrix has at least
+SHARDCOMPUTE_GEMV_SPLIT elements (default 4M).
+Nothing here imports MLX.
 """
 
 from __future__ import annotations
@@ -46,9 +51,9 @@ class BlasSetup:
         how = "sgemv-routed" if self.routed else "sgemm only"
         return f"{Path(self.library).name} ({how})"
 
-    def set_threads(self, n: int) -> None:
+    def set_threads(self, n: int, gemv_split_elems: int = 0) -> None:
         if self.handle is not None:
-            self.handle.gemv_route_set_threads(n)
+            self.handle.gemv_route_set_threads(n, ctypes.c_long(gemv_split_elems))
         else:
             _set_threads_direct(self.library, n)
 
@@ -143,7 +148,7 @@ def preload_blas() -> BlasSetup | None:
     if os.environ.get("SHARDCOMPUTE_GEMV_ROUTE") != "0":
         loaded = _try_router()
     loaded = loaded or _try_system()
-    threads = os.environ.get("SHARDCOMPUTE_BLAS_THREADS")
-    if loaded and threads:
-        loaded.set_threads(int(threads))
+    if loaded is not None:
+        threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or 1)
+        loaded.set_threads(threads, int(os.environ.get("SHARDCOMPUTE_GEMV_SPLIT", "0")))
     return loaded

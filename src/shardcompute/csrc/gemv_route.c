@@ -23,6 +23,19 @@ static sgemv_fn real_sgemv;
 static set_threads_fn real_set_threads;
 static long routed_calls;
 
+/* Threads: sgemm (prefill) gets `gemm_threads`; a sgemv gets them only when its matrix has at
+ * least `gemv_split_elems` elements. Waking BLAS threads costs more than a small gemv saves,
+ * and one core already streams a small matrix at most of the memory bandwidth. */
+static int gemm_threads = 1, current_threads = -1;
+static long gemv_split_elems = 1L << 22;
+
+static void use_threads(int n) {
+  if (n != current_threads && real_set_threads) {
+    real_set_threads(n);
+    current_threads = n;
+  }
+}
+
 static void *lookup(void *lib, const char *prefix, const char *name) {
   char full[128];
   snprintf(full, sizeof full, "%s%s", prefix, name);
@@ -39,8 +52,10 @@ int gemv_route_init(const char *path, const char *prefix) {
   return real_sgemm && real_sgemv ? 0 : -2;
 }
 
-void gemv_route_set_threads(int n) {
-  if (real_set_threads) real_set_threads(n);
+void gemv_route_set_threads(int n, long split_elems) {
+  gemm_threads = n > 0 ? n : 1;
+  if (split_elems > 0) gemv_split_elems = split_elems;
+  current_threads = -1;
 }
 
 long gemv_route_calls(void) { return routed_calls; }
@@ -54,6 +69,10 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
     if (m == 1) memset(c, 0, sizeof(float) * n);
     else for (int i = 0; i < m; i++) c[(long)i * ldc] = 0.0f;
   }
+  if (order == ROW_MAJOR && (m == 1 || n == 1))
+    use_threads((long)m * n * k >= gemv_split_elems ? gemm_threads : 1);
+  else
+    use_threads(gemm_threads);
   if (order == ROW_MAJOR && m == 1) {
     /* c[1,n] = a[1,k] op(b): a gemv over b, whose stored rows are n long if b is transposed. */
     int inc_a = trans_a == NO_TRANS ? 1 : lda;

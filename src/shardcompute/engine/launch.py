@@ -57,9 +57,8 @@ def threads_per_rank(world_size: int) -> int:
 
 
 def rank_env(rank: int, world_size: int, hostfile: Path | None = None) -> dict:
-    """Environment of one rank (rank -1: set by mpirun): identity and BLAS threads."""
+    """Environment of one rank (rank -1: set by mpirun). BLAS threads: see `_blas`."""
     env = dict(os.environ)
-    env.setdefault("OPENBLAS_NUM_THREADS", str(threads_per_rank(world_size)))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["MLX_WORLD_SIZE"] = str(world_size)
     if hostfile is not None:
