@@ -131,7 +131,7 @@ class EngineProcess:
 
     def start(self, assignment: Assignment) -> None:
         """Replace any running engine with one for `assignment`."""
-        self.stop()
+        self.stop(grace_seconds=0)
         path = self._work_dir / f"assignment-g{assignment.generation}.json"
         path.write_text(assignment.model_dump_json(indent=2))
         hostfile = self._work_dir / f"hostfile-g{assignment.generation}.json"
@@ -145,8 +145,9 @@ class EngineProcess:
             assignment.generation,
             shlex.join(cmd),
         )
-        # Same process group as the agent: whoever stops the agent's group stops the engine.
-        self._proc = subprocess.Popen(cmd, env=env)
+        # Same process group as the agent: whoever stops the agent's group stops the engine;
+        # and if the agent alone is killed, the engine dies too rather than hold its port.
+        self._proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
         self.generation = assignment.generation
 
     def state(self) -> tuple[EngineState, int | None]:
@@ -157,16 +158,33 @@ class EngineProcess:
         return ("running", None) if code is None else ("exited", code)
 
     def stop(self, grace_seconds: float = 5.0) -> None:
-        """Terminate the engine, killing it if it ignores SIGTERM for `grace_seconds`."""
+        """Terminate the engine, killing it if it ignores SIGTERM for `grace_seconds`.
+
+        With no grace it is killed at once: an engine being replaced has lost its group (the
+        generation changes only after a rank is lost), so it has no orderly exit to make,
+        and it may be stuck in a collective; waiting would stall the heartbeats.
+        """
         proc, self._proc, self.generation = self._proc, None, None
         if proc is None or proc.poll() is not None:
             return
-        proc.terminate()
-        try:
-            proc.wait(grace_seconds)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(grace_seconds)
+        if grace_seconds > 0:
+            proc.terminate()
+            try:
+                proc.wait(grace_seconds)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        proc.kill()
+        proc.wait(5.0)
+
+
+def die_with_parent() -> None:
+    """In a child, before exec: SIGKILL it when its parent dies (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 # --- talking to the coordinator ------------------------------------------------------------
@@ -262,7 +280,7 @@ class Agent:
             reply = self._call(f"/workers/{self.worker_id}/heartbeat", beat, HeartbeatResponse)
         except UnknownWorker:
             log.warning("the coordinator forgot worker %s; registering again", self.worker_id)
-            self.engine.stop()
+            self.engine.stop(grace_seconds=0)
             self.register()
             return
         except (httpx.TransportError, httpx.HTTPStatusError) as e:
@@ -273,7 +291,7 @@ class Agent:
     def _follow(self, assignment: Assignment | None) -> None:
         if assignment is None:
             if self.engine.generation is not None:  # we are a spare now
-                self.engine.stop()
+                self.engine.stop(grace_seconds=0)
             return
         if assignment.generation != self.engine.generation:
             # The coordinator may not know the URL we reach it by; ours works from here.
