@@ -102,3 +102,34 @@ def start_cluster(tmp: Path, world_size: int = 2, **kw) -> LocalCluster:
         cluster.stop()
         raise
     return cluster
+
+
+REAL_MODEL = "smollm2-135m"
+
+
+def real_agent_command(url: str, rank: int | None = None) -> list[str]:
+    """A worker agent that runs the default, real engine."""
+    cmd = [sys.executable, "-m", "shardcompute.worker.agent", "--coordinator-url", url]
+    cmd += ["--connect-timeout", "10"]
+    return cmd if rank is None else [*cmd, "--rank", str(rank)]
+
+
+def start_real_cluster(
+    tmp: Path, model_path: Path, world_size: int = 2, **env: str
+) -> LocalCluster:
+    """A coordinator and `world_size` agents running the real engine on float32 weights of
+    `model_path`, waited on until ready. `env` is added to every process's environment
+    (SHARDCOMPUTE_SECTION__KEY settings override the config file)."""
+    cluster = LocalCluster(tmp, world_size, request_timeout=120)
+    with cluster.config.open("a") as f:
+        f.write(f"model:\n  name: {REAL_MODEL}\n  path: {model_path}\n  dtype: float32\n")
+    cluster.env.update(env)
+    try:
+        cluster.start_coordinator()
+        for rank in range(world_size):
+            cluster.spawn(f"agent{rank}", real_agent_command(cluster.url, rank))
+        cluster.wait_state("ready", 90)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

@@ -4,6 +4,13 @@ Run by the worker agent as `python -m shardcompute.worker.engine --assignment PA
 MLX_RANK / MLX_HOSTFILE set. SPMD: rank 0 alone talks to the work queue and decides; every
 loop it broadcasts one control message ({"op": "idle" | "generate" | "exit"}) and all ranks
 act on it, so every rank runs the same collectives in the same order.
+
+Failures keep that order. Rank 0's host-side work on a request (posting events, a fault) that
+fails becomes the generation's stop flag, so the request ends with an error on every rank at
+the same step and serving goes on. A failure inside the generation itself (the model, a
+collective) cannot be matched on the other ranks, so the engine exits and the agent and the
+coordinator replace the group. A watchdog ends an engine whose collectives stop making
+progress (a lost peer can leave MLX's ring waiting forever).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +30,7 @@ import httpx
 import mlx.core as mx
 
 from shardcompute.collectives.group import Collectives, init_group
-from shardcompute.engine.generate import generate_step, stream_generate
+from shardcompute.engine.generate import GenerationResponse, generate_step, stream_generate
 from shardcompute.engine.job import ModelSpec
 from shardcompute.engine.rank_main import encode_prompt, load_spec, stop_ids, tokenizer_for
 from shardcompute.engine.sampling import SamplingParams
@@ -45,10 +53,21 @@ log = logging.getLogger("shardcompute.engine")
 
 POLL_SECONDS = 1.0  # how long followers wait in a broadcast; bounds the reaction to SIGTERM
 FLUSH_SECONDS = 0.05  # batch text deltas into one event post at most this often
+FAULT_ENV = "SHARDCOMPUTE_ENGINE_FAULT_WORD"
+FAULT_AT_TOKEN = 3  # where the `stream` fault strikes: mid-generation, tokens already out
+WATCHDOG_EXIT_CODE = 3
 
 
 class GenerationOver(Exception):
     """The coordinator says our generation is no longer current (HTTP 409)."""
+
+
+class EngineBroken(Exception):
+    """The generation failed where the other ranks cannot follow; this engine must exit."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by the fault-injection knob (see Faults)."""
 
 
 @dataclass
@@ -90,7 +109,8 @@ class Queue:
         try:
             r = self.post(f"/work/{request_id}/events", EventBatch(events=events))
             return decode(CancelStatus, r.content).cancelled
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, GenerationOver, ValueError) as e:
+            # A stale generation is noticed by the next poll, which ends the loop in step.
             log.warning("posting events for %s failed: %s; stopping it", request_id, e)
             return True
 
@@ -135,7 +155,7 @@ def next_message(queue: Queue, tokenizer, model: Model, pending: list) -> dict:
         req = queue.next_request()
     except GenerationOver:
         return {"op": "exit"}
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, ValueError) as e:  # unreachable, or a reply we cannot read
         log.warning("polling for work failed: %s", e)
         time.sleep(POLL_SECONDS)
         return {"op": "idle"}
@@ -151,35 +171,85 @@ def next_message(queue: Queue, tokenizer, model: Model, pending: list) -> dict:
     return msg
 
 
-# --- running one request --------------------------------------------------------------------
+# --- rank 0's host side of one request -------------------------------------------------------
 
 
-def stream_to_queue(
-    queue: Queue, model: Model, tokenizer, req: GenerationRequest, ids: list[int], params
-) -> int:
-    """Rank 0: generate, posting batched text events; returns the completion token count."""
-    cancelled = [False]
-    batch: list[GenerationEvent] = []
-    last_post = time.monotonic()
-    n = 0
-    for r in stream_generate(model, tokenizer, ids, params, should_cancel=lambda: cancelled[0]):
-        n = r.generation_tokens
-        finish = r.finish_reason
-        if finish is not None and cancelled[0]:
-            finish = "cancelled"
+def request_text(req: GenerationRequest) -> str:
+    """The prompt, or every message's content: what the fault knob looks for."""
+    return req.prompt if req.kind == "completion" else "\n".join(m.content for m in req.messages)
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Fault injection for tests; off unless $SHARDCOMPUTE_ENGINE_FAULT_WORD is set.
+
+    Then a request whose text contains `<word>:start` makes rank 0 raise InjectedFault just
+    after the request was broadcast, and `<word>:stream` at generated token FAULT_AT_TOKEN.
+    """
+
+    word: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Faults:
+        return cls(os.environ.get(FAULT_ENV) or None)
+
+    def check(self, req: GenerationRequest, point: str, tokens: int = 0) -> None:
+        if self.word is None or (point == "stream" and tokens < FAULT_AT_TOKEN):
+            return
+        if f"{self.word}:{point}" in request_text(req):
+            raise InjectedFault(f"injected fault at {point!r} (${FAULT_ENV}={self.word})")
+
+
+class RequestStream:
+    """Rank 0's host side of one request: posts its events in batches. A failure here ends
+    the request through the stop flag, so every rank still runs the same steps."""
+
+    def __init__(self, queue: Queue, req: GenerationRequest, faults: Faults):
+        self.queue, self.req, self.faults = queue, req, faults
+        self.cancelled = False
+        self.error: str | None = None
+        self.batch: list[GenerationEvent] = []
+        self.last_post = time.monotonic()
+
+    def should_stop(self) -> bool:
+        """stream_generate's `should_cancel`: the client went away, or we failed."""
+        return self.cancelled or self.error is not None
+
+    def guard(self, work: Callable, *args) -> None:
+        """Run host-side work; a failure stops the request, never the serve loop."""
+        try:
+            work(*args)
+        except Exception as e:
+            if self.error is None:
+                log.exception("request %s failed; stopping it on every rank", self.req.request_id)
+                self.error = f"{type(e).__name__}: {e}"
+
+    def start(self) -> None:
+        self.faults.check(self.req, "start")
+
+    def add(self, r: GenerationResponse) -> None:
+        """Batch one response as an event; post the batch when due, or when it is the last."""
+        if self.error is not None:
+            return
+        self.faults.check(self.req, "stream", r.generation_tokens)
+        finish = "cancelled" if r.finish_reason and self.cancelled else r.finish_reason
         event = GenerationEvent(
             text=r.text,
             token_ids=[r.token] if r.token is not None else [],
             finish_reason=finish,
             prompt_tokens=r.prompt_tokens,
-            completion_tokens=n,
+            completion_tokens=r.generation_tokens,
         )
-        batch.append(event)
-        if finish is not None or time.monotonic() - last_post >= FLUSH_SECONDS:
-            if queue.events(req.request_id, merge(batch)):
-                cancelled[0] = True
-            batch, last_post = [], time.monotonic()
-    return n
+        self.batch.append(event)
+        if finish is not None or time.monotonic() - self.last_post >= FLUSH_SECONDS:
+            if self.queue.events(self.req.request_id, merge(self.batch)):
+                self.cancelled = True
+            self.batch, self.last_post = [], time.monotonic()
+
+    def fail(self, message: str) -> None:
+        """End the request with an error event."""
+        event = GenerationEvent(finish_reason="error", error=message)
+        self.queue.events(self.req.request_id, [event])
 
 
 def merge(events: list[GenerationEvent]) -> list[GenerationEvent]:
@@ -195,28 +265,94 @@ def merge(events: list[GenerationEvent]) -> list[GenerationEvent]:
     ]
 
 
+def lead(ctx: EngineContext, req: GenerationRequest, ids: list[int], params) -> int:
+    """Rank 0: generate `req`, streaming it to the queue; returns the completion token count."""
+    stream = RequestStream(ctx.queue, req, ctx.faults)
+    stream.guard(stream.start)  # a failure here still runs the steps, stopped at the first
+    n = 0
+    try:
+        gen = stream_generate(
+            ctx.model,
+            ctx.tokenizer,
+            ids,
+            params,
+            should_cancel=ctx.watchdog.petting(stream.should_stop),
+        )
+        for r in gen:
+            n = r.generation_tokens
+            stream.guard(stream.add, r)
+    except Exception as e:
+        # The followers are at a step we can no longer match: only a new group is safe.
+        stream.fail(f"the engine failed mid-generation and is restarting: {type(e).__name__}: {e}")
+        raise EngineBroken(f"request {req.request_id}: {e}") from e
+    if stream.error is not None:
+        stream.fail(f"the engine failed this request: {stream.error}")
+    return n
+
+
 def run_generate(msg: dict, ctx: EngineContext, req: GenerationRequest | None) -> None:
     """Every rank: run one request; rank 0 streams it, the others follow silently."""
     params = SamplingParams(**msg["params"])
     ids = msg["prompt_ids"]
     if ctx.comm.rank == 0:
         assert req is not None
-        try:
-            n = stream_to_queue(ctx.queue, ctx.model, ctx.tokenizer, req, ids, params)
-        except Exception as e:
-            # Rank 0's host-side failure: the stop flag already ended the other ranks' loop,
-            # or generate_step's finally drained the step in flight.
-            log.exception("request %s failed", req.request_id)
-            ctx.queue.events(req.request_id, [GenerationEvent(finish_reason="error", error=str(e))])
-            n = 0
+        n = lead(ctx, req, ids, params)
     else:
-        n = sum(1 for _ in generate_step(ctx.model, ids, params))
+        n = 0
+        for _ in generate_step(ctx.model, ids, params):
+            n += 1
+            ctx.watchdog.pet()
     ctx.totals.tokens_processed += len(ids) + n
     ctx.totals.steps += n
     ctx.report_metrics()
 
 
 # --- the loop -------------------------------------------------------------------------------
+
+
+class Watchdog:
+    """Exits the process when the serve loop makes no progress for `timeout` seconds.
+
+    MLX's ring has no timeouts: after a peer is lost, a collective can wait forever. Progress
+    is one loop turn or one generated token, so `timeout` must exceed the slowest step. The
+    watch starts at the first progress, the first broadcast, which every rank reaches only
+    once all have loaded (ranks load at different speeds).
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.last = 0.0
+        self._thread: threading.Thread | None = None
+
+    def pet(self) -> None:
+        """Note progress (the first time, start watching)."""
+        self.last = time.monotonic()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+            self._thread.start()
+
+    def petting(self, should_stop: Callable[[], bool]) -> Callable[[], bool]:
+        """`should_stop`, noting progress each time a generation step asks it."""
+
+        def petted() -> bool:
+            self.pet()
+            return should_stop()
+
+        return petted
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.timeout / 4))
+            stalled = time.monotonic() - self.last
+            if stalled > self.timeout:
+                log.error(
+                    "no progress for %.1fs (collective_timeout_seconds=%s): a peer is gone "
+                    "or stuck; exiting",
+                    stalled,
+                    self.timeout,
+                )
+                logging.shutdown()
+                os._exit(WATCHDOG_EXIT_CODE)
 
 
 @dataclass
@@ -229,6 +365,8 @@ class EngineContext:
     tokenizer: object
     queue: Queue
     totals: Totals
+    faults: Faults
+    watchdog: Watchdog
 
     def metrics(self) -> WorkerMetrics:
         seconds = sum(self.comm.stats()["seconds"].values())
@@ -256,6 +394,7 @@ def serve(ctx: EngineContext, should_exit: Callable[[], bool]) -> None:
         if ctx.comm.rank == 0:
             msg = next_message(ctx.queue, ctx.tokenizer, ctx.model, pending)
         msg = ctx.comm.broadcast_object(msg)
+        ctx.watchdog.pet()
         if msg["op"] == "generate":
             run_generate(msg, ctx, pending[0] if pending else None)
         # Any rank's SIGTERM ends every rank together, at the same point of the loop.
@@ -284,14 +423,19 @@ def run(a: Assignment, token: str) -> None:
     model = load_spec(spec, comm)
     tokenizer = tokenizer_for(spec) if comm.rank == 0 else None
     queue = Queue(a, token)
-    ctx = EngineContext(a, comm, model, tokenizer, queue, Totals())
+    watchdog = Watchdog(a.collective_timeout_seconds)
+    ctx = EngineContext(a, comm, model, tokenizer, queue, Totals(), Faults.from_env(), watchdog)
     loaded = LoadedReport(
         generation=a.generation,
         rank=a.rank,
         load_seconds=time.perf_counter() - start,
         metrics=ctx.metrics(),
     )
-    queue.post(f"/workers/{a.worker_id}/loaded", loaded)
+    try:
+        queue.post(f"/workers/{a.worker_id}/loaded", loaded)
+    except (GenerationOver, httpx.HTTPStatusError) as e:  # replaced while loading
+        log.info("rank %d of generation %d is no longer wanted: %s", a.rank, a.generation, e)
+        return
     log.info("rank %d of %d loaded %s", comm.rank, comm.size, spec.model)
     serve(ctx, lambda: stop[0])
     log.info("rank %d exiting", comm.rank)
@@ -308,7 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     if not token:
         print(f"error: ${CLUSTER_TOKEN_ENV} is not set", file=sys.stderr)
         return 2
-    run(a, token)
+    try:
+        run(a, token)
+    except EngineBroken as e:
+        log.exception("rank %d exiting: %s", a.rank, e)
+        return 1
     return 0
 
 
