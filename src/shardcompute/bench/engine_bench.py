@@ -20,6 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from shardcompute._blas import blas_threads
 from shardcompute.engine.job import ModelSpec
 from shardcompute.engine.launch import launch_local, resolve_backend
 from shardcompute.errors import ShardComputeError
@@ -80,12 +81,17 @@ def run_cell(job, timeout: float) -> list[dict]:
         return json.loads(out.read_text())
 
 
+def cores_used(world_size: int) -> int:
+    """Cores the ranks of one local group keep busy (each gets its share; see `_blas`)."""
+    return min(os.cpu_count() or 1, world_size * blas_threads(world_size))
+
+
 def add_bound(rows: list[dict], bandwidth: dict[int, float]) -> None:
-    """The decode bound: each rank streams its weights once per token at its bandwidth share."""
-    cores = os.cpu_count() or 1
+    """The decode bound: each rank streams its weights once per token at its share of the
+    bandwidth of the cores in use (all of them, at every world size, on one machine)."""
     for row in rows:
         ws = row["world_size"]
-        share = bandwidth[min(ws, cores)] / ws
+        share = bandwidth[cores_used(ws)] / ws
         row["bandwidth_gb_s_per_rank"] = share
         row["bound_tok_s"] = min(share * 1e9 / b for b in row["streamed_bytes_per_rank"])
 
@@ -121,7 +127,7 @@ def compare_mlx_lm(args, model: str) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     t = Table(title="shardcompute bench")
-    for col in ("model", "dtype", "ws", "P/T", "prefill tok/s", "decode tok/s", "bound"):
+    for col in ("model", "dtype", "ws", "BLAS", "P/T", "prefill tok/s", "decode tok/s", "bound"):
         t.add_column(col)
     for col in ("GB/s per rank", "coll/tok", "coll ms/tok", "share", "peak MB/rank"):
         t.add_column(col)
@@ -132,6 +138,7 @@ def print_table(rows: list[dict]) -> None:
             str(r["model"]),
             str(r["dtype"]),
             str(r["world_size"]),
+            r.get("blas", ""),
             f"{r['prompt_tokens']}/{r['max_tokens']}",
             f"{r['prefill_tok_s']:.1f}",
             f"{r['decode_tok_s']:.1f}",
@@ -142,7 +149,7 @@ def print_table(rows: list[dict]) -> None:
             f"{share:.0%}" if share is not None else "",
             " ".join(f"{m / 2**20:.0f}" for m in r.get("peak_memory_bytes_per_rank", [])),
         )
-    Console(highlight=False, width=max(160, console.width)).print(t)
+    Console(highlight=False, width=max(200, console.width)).print(t)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -178,9 +185,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     models, dtypes = _csv(args.model), _csv(args.dtype)
     world_sizes = _csv(args.world_sizes, int)
-    cores = os.cpu_count() or 1
     with console.status("measuring memory bandwidth"):
-        bandwidth = {n: measure_bandwidth(n) for n in sorted({min(w, cores) for w in world_sizes})}
+        used = {1} | {cores_used(w) for w in world_sizes}
+        bandwidth = {n: measure_bandwidth(n) for n in sorted(used)}
     for n, gb in bandwidth.items():
         console.print(f"memory bandwidth, {n} process(es): {gb:.1f} GB/s")
     rows: list[dict] = []

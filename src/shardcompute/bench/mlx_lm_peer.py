@@ -31,7 +31,7 @@ def export_hf_dir(model_src: str, out: Path) -> Path:
     if (out / "model.safetensors").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(model_src, "float32")
+    model = load_model(model_src, "float32", fuse=False)
     weights = dict(tree_flatten(model.parameters()))
     if model.args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardcompute._blas import blas_threads
 from shardcompute.errors import CollectiveError
 
 FOLLOWER_GRACE = 15.0  # seconds a follower may outlive a successful rank 0
@@ -51,17 +52,14 @@ def write_hostfile(path: Path, hosts: Sequence[str]) -> Path:
     return path
 
 
-def threads_per_rank(world_size: int) -> int:
-    """Each rank's share of the cores, so ranks don't oversubscribe them."""
-    return max(1, (os.cpu_count() or 1) // world_size)
-
-
-def rank_env(rank: int, world_size: int, hostfile: Path | None = None) -> dict:
-    """Environment of one rank (rank -1: set by mpirun). BLAS threads: see `_blas`."""
+def rank_env(world_size: int, rank: int | None = None, hostfile: Path | None = None) -> dict:
+    """Environment of a local rank: for the ring, its rank and the hostfile; under mpirun,
+    which sets the rank itself, neither. Every rank of the group runs on this host, which
+    sizes each one's BLAS threads (see `_blas`)."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env["MLX_WORLD_SIZE"] = str(world_size)
-    if hostfile is not None:
+    env.update(MLX_WORLD_SIZE=str(world_size), SHARDCOMPUTE_LOCAL_RANKS=str(world_size))
+    if rank is not None:
         env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
     return env
 
@@ -82,7 +80,7 @@ def mpirun_command(argv: Sequence[str], world_size: int) -> list[str]:
     cores = os.cpu_count() or 1
     cmd = ["mpirun", "-np", str(world_size)]
     if world_size <= cores:
-        cmd += ["--bind-to", "core", "--map-by", f"slot:PE={threads_per_rank(world_size)}"]
+        cmd += ["--bind-to", "core", "--map-by", f"slot:PE={blas_threads(world_size)}"]
     else:  # more ranks than cores: no binding, and waiting ranks yield the core
         cmd += ["--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
     return [*cmd, sys.executable, *argv]
@@ -122,7 +120,7 @@ def launch_local(
                 procs.append(
                     subprocess.Popen(
                         [sys.executable, *argv],
-                        env=rank_env(rank, world_size, hostfile),
+                        env=rank_env(world_size, rank, hostfile),
                         stdout=out,
                         stderr=log,
                         start_new_session=True,
@@ -140,7 +138,7 @@ def launch_local(
 
 def _launch_mpirun(argv: Sequence[str], world_size: int, timeout: float | None) -> int:
     """One mpirun runs every rank; it ends them all if one fails. Followers print nothing."""
-    env = rank_env(-1, world_size)
+    env = rank_env(world_size)
     if os.geteuid() == 0:  # containers run as root; Open MPI refuses that unless told
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     with tempfile.TemporaryFile("w+") as log:

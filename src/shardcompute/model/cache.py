@@ -1,44 +1,96 @@
-"""Per-rank KV cache: only this rank's KV heads, grown in steps to avoid a copy per token."""
+"""Per-rank KV cache with fixed-capacity buffers, and the positions of one forward pass.
+
+Every layer's keys and values live in (B, local_kv_heads, capacity, head_dim) buffers that
+grow in steps of 256 positions. Writes go in with `mx.slice_update` at an *array* offset and
+attention reads the whole buffer under a mask, so a decode step has the same shapes and the
+same graph at every position until the buffers grow: that is what lets `mx.compile` trace the
+step once and reuse it (see `Model.decode_hidden`).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mlx.core as mx
 
 
+@dataclass
+class LayerKV:
+    """One layer's buffers; attention replaces them with the updated arrays."""
+
+    keys: mx.array
+    values: mx.array
+
+    def write(self, k: mx.array, v: mx.array, offset: mx.array) -> tuple[mx.array, mx.array]:
+        """Store (B, H, L, D) keys/values at `offset`; return the full buffers."""
+        self.keys = mx.slice_update(self.keys, k, offset, axes=(2,))
+        self.values = mx.slice_update(self.values, v, offset, axes=(2,))
+        return self.keys, self.values
+
+
+@dataclass
+class Positions:
+    """Where the L tokens of a forward pass sit: their offset and the attention mask."""
+
+    offset: mx.array | int  # (1,) int32 with a cache, 0 without
+    mask: mx.array | str | None  # (L, capacity) bool with a cache; "causal" or None without
+
+    @classmethod
+    def uncached(cls, length: int) -> Positions:
+        return cls(0, "causal" if length > 1 else None)
+
+    @classmethod
+    def cached(cls, offset: mx.array, length: int, capacity: int) -> Positions:
+        """Query i (at offset + i) sees buffer slots 0..offset + i; later slots are stale."""
+        q_pos = offset + mx.arange(length)[:, None]
+        return cls(offset, q_pos >= mx.arange(capacity)[None])
+
+
 class KVCache:
-    """Keys and values of one layer, (B, local_kv_heads, capacity, head_dim)."""
+    """The whole model's cache on this rank: one `LayerKV` per layer and the filled length."""
 
     step = 256
 
-    def __init__(self):
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: mx.Dtype):
+        self.num_layers, self.kv_heads, self.head_dim, self.dtype = (
+            num_layers,
+            kv_heads,
+            head_dim,
+            dtype,
+        )
+        self.layers: list[LayerKV] = []
         self.offset = 0
 
-    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Append (B, H, L, D) keys/values; return everything cached so far."""
-        prev, length = self.offset, k.shape[2]
-        if self.keys is None or prev + length > self.keys.shape[2]:
-            self._grow(k, v, prev + length)
-        self.keys[..., prev : prev + length, :] = k
-        self.values[..., prev : prev + length, :] = v
-        self.offset += length
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].keys.shape[2] if self.layers else 0
 
-    def _grow(self, k: mx.array, v: mx.array, needed: int) -> None:
-        B, H, _, D = k.shape
+    def reserve(self, batch: int, length: int) -> None:
+        """Make room for `length` more positions (grows every layer, outside any compiled step)."""
+        needed = self.offset + length
+        if needed <= self.capacity:
+            return
         capacity = (needed + self.step - 1) // self.step * self.step
-        new_k = mx.zeros((B, H, capacity, D), k.dtype)
-        new_v = mx.zeros((B, H, capacity, D), v.dtype)
-        if self.keys is not None:
-            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
-            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
-        self.keys, self.values = new_k, new_v
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        grown = []
+        for i in range(self.num_layers):
+            k, v = mx.zeros(shape, self.dtype), mx.zeros(shape, self.dtype)
+            if self.layers:
+                old = self.layers[i]
+                k[..., : self.offset, :] = old.keys[..., : self.offset, :]
+                v[..., : self.offset, :] = old.values[..., : self.offset, :]
+            grown.append(LayerKV(k, v))
+        self.layers = grown
+
+    def positions(self, length: int) -> Positions:
+        return Positions.cached(mx.array([self.offset], mx.int32), length, self.capacity)
+
+    def arrays(self) -> list[mx.array]:
+        return [a for layer in self.layers for a in (layer.keys, layer.values)]
+
+    def set_arrays(self, arrays: list[mx.array]) -> None:
+        self.layers = [LayerKV(k, v) for k, v in zip(arrays[::2], arrays[1::2], strict=True)]
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
-
-
-def make_cache(num_layers: int) -> list[KVCache]:
-    return [KVCache() for _ in range(num_layers)]
+        return sum(a.nbytes for a in self.arrays())

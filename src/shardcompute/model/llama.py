@@ -4,10 +4,15 @@ The TP plan, read top to bottom: embedding all-gathers along hidden; per layer, 
 (q/k/v column, o row: one all-reduce) and MLP (gate/up column, down row: one all-reduce);
 LM head column-parallel over the vocabulary, then one all-gather.
 So a forward pass makes 2 * num_hidden_layers + 2 collectives.
+
+A one-token decode step runs as one `mx.compile`d graph: the KV buffers have a fixed capacity
+and the position is an array, so the trace is reused at every position (see model/cache.py).
+`SHARDCOMPUTE_COMPILE=0` runs it eagerly, op by op.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import mlx.core as mx
@@ -15,7 +20,7 @@ import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
 from shardcompute.model.args import ModelArgs
-from shardcompute.model.cache import KVCache, make_cache
+from shardcompute.model.cache import KVCache, LayerKV, Positions
 from shardcompute.parallel.attention import ParallelAttention
 from shardcompute.parallel.embedding import HiddenParallelEmbedding
 from shardcompute.parallel.linear import QuantSpec, VocabParallelLMHead
@@ -23,6 +28,7 @@ from shardcompute.parallel.mlp import ParallelMLP
 from shardcompute.parallel.plan import PartitionPlan
 
 QuantMap = Mapping[str, QuantSpec]  # module path -> quantization, for quantized weights only
+COMPILE_DECODE = os.environ.get("SHARDCOMPUTE_COMPILE", "1") != "0"
 
 
 def collectives_per_forward(args: ModelArgs) -> int:
@@ -52,8 +58,8 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+    def __call__(self, x: mx.array, kv: LayerKV | None, pos: Positions) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), kv, pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -77,10 +83,13 @@ class LlamaBody(nn.Module):
         ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, ids: mx.array, cache: list[KVCache] | None) -> mx.array:
+    def __call__(
+        self, ids: mx.array, kv: list[LayerKV] | None = None, pos: Positions | None = None
+    ) -> mx.array:
+        pos = pos or Positions.uncached(ids.shape[1])
         h = self.embed_tokens(ids)  # (B, L, hidden)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i] if cache else None)
+            h = layer(h, kv[i] if kv else None, pos)
         return self.norm(h)
 
 
@@ -100,22 +109,75 @@ class Model(nn.Module):
         quant = quant or {}
         self.args, self.plan, self.rank, self.comm = args, plan, rank, comm
         self.model = LlamaBody(args, plan, rank, comm, quant)
+        self._decode = None  # the compiled decode step, traced on first use
         self.lm_head = VocabParallelLMHead(
             args.hidden_size, plan[rank].vocab, plan.sizes("vocab"), comm, quant.get("lm_head")
         )
 
     def __call__(
-        self, ids: mx.array, cache: list[KVCache] | None = None, last_only: bool = False
+        self, ids: mx.array, cache: KVCache | None = None, last_only: bool = False
     ) -> mx.array:
         """ids (B, L) -> logits (B, L, vocab), or (B, 1, vocab) with last_only."""
-        h = self.model(ids, cache)
+        h = self.hidden(ids, cache)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
 
-    def last_hidden(self, ids: mx.array, cache: list[KVCache]) -> mx.array:
-        """The final hidden state of the last position, (B, 1, hidden): the LM head's input."""
-        return self.model(ids, cache)[:, -1:]
+    def hidden(self, ids: mx.array, cache: KVCache | None = None) -> mx.array:
+        """ids (B, L) -> final hidden states (B, L, hidden), op by op; appends to `cache`."""
+        if cache is None:
+            return self.model(ids)
+        B, L = ids.shape
+        cache.reserve(B, L)
+        h = self.model(ids, cache.layers, cache.positions(L))
+        cache.offset += L
+        return h
 
-    def make_cache(self) -> list[KVCache]:
-        return make_cache(self.args.num_hidden_layers)
+    def last_hidden(self, ids: mx.array, cache: KVCache) -> mx.array:
+        """The final hidden state of the last position, (B, 1, hidden): the LM head's input.
+
+        A one-token step runs compiled, unless collectives are being profiled (the profiler
+        evaluates inside the graph, which a compiled function cannot do).
+        """
+        if ids.shape[1] == 1 and COMPILE_DECODE and not self.comm.profile:
+            return self.decode_hidden(ids, cache)
+        return self.hidden(ids, cache)[:, -1:]
+
+    def decode_hidden(self, ids: mx.array, cache: KVCache) -> mx.array:
+        """One compiled decode step: ids (B, 1) -> (B, 1, hidden); appends to `cache`."""
+        if self._decode is None:
+            self._decode = mx.compile(self._decode_graph)
+        cache.reserve(ids.shape[0], 1)
+        offset = mx.array([cache.offset], mx.int32)
+        h, *arrays = self._decode(ids, offset, *cache.arrays())
+        cache.set_arrays(arrays)
+        cache.offset += 1
+        return h
+
+    def _decode_graph(self, ids: mx.array, offset: mx.array, *arrays: mx.array) -> list[mx.array]:
+        """Pure in arrays (weights are constants of the trace): ids, offset, KV buffers ->
+        hidden state and the updated buffers."""
+        kv = [LayerKV(k, v) for k, v in zip(arrays[::2], arrays[1::2], strict=True)]
+        h = self.model(ids, kv, Positions.cached(offset, 1, arrays[0].shape[2]))
+        return [h, *(a for layer in kv for a in (layer.keys, layer.values))]
+
+    def fuse_projections(self) -> None:
+        """Stack q/k/v and gate/up rows after loading: 4 matmuls per layer instead of 7.
+
+        A layout change for speed (fewer, larger gemvs per decode step); checkpoints and
+        shard files keep the separate names.
+        """
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+            mx.eval(layer.parameters())  # one layer at a time bounds the copy's peak memory
+        self._decode = None
+
+    def make_cache(self) -> KVCache:
+        attn = self.model.layers[0].self_attn
+        return KVCache(
+            self.args.num_hidden_layers,
+            attn.local_num_kv_heads,
+            attn.head_dim,
+            self.model.norm.weight.dtype,
+        )

@@ -57,10 +57,13 @@ def load_model(
     weights: Sequence[float] | None = None,
     shard_dir: str | Path | None = None,
     checkpoint: Checkpoint | None = None,
+    fuse: bool = True,
 ) -> Model:
     """This rank's share of `model` (a path/name, a Checkpoint, or a pre-made shard dir).
 
-    With no `comm` (or a size-1 one) this is the dense single-process model.
+    With no `comm` (or a size-1 one) this is the dense single-process model. `fuse` stacks
+    q/k/v and gate/up into single matmuls (`Model.fuse_projections`); without it the
+    parameters keep the checkpoint's names.
     """
     comm = comm or Collectives()
     dtype = resolve_dtype(dtype)
@@ -77,6 +80,9 @@ def load_model(
     state, quant = convert_dtype(state, quant, dtype, quantizable)
     out = Model(args, plan, comm.rank, comm, quant)
     out.load_weights(list(state.items()), strict=True)
+    del state
+    if fuse:
+        out.fuse_projections()
     mx.eval(out.parameters())
     return out
 

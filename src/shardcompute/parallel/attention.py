@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
 from shardcompute.model.args import ModelArgs
-from shardcompute.model.cache import KVCache
+from shardcompute.model.cache import LayerKV, Positions
 from shardcompute.parallel.linear import ColumnParallelLinear, QuantSpec, RowParallelLinear
 from shardcompute.parallel.plan import RankSlices
 from shardcompute.parallel.rope import RoPE
@@ -40,27 +40,31 @@ class ParallelAttention(nn.Module):
         )
         self.rope = RoPE(args)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def fuse(self) -> None:
+        """Replace q/k/v by one layer with their rows stacked (3 matmuls become 1)."""
+        fused = ColumnParallelLinear.fused([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            del self["q_proj"], self["k_proj"], self["v_proj"]
+            self.qkv_proj = fused
+
+    def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        if "qkv_proj" not in self:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_cols = self.local_num_heads * self.head_dim
+        kv_cols = self.local_num_kv_heads * self.head_dim
+        q, k, v = mx.split(self.qkv_proj(x), [q_cols, q_cols + kv_cols], axis=-1)
+        return q, k, v
+
+    def __call__(self, x: mx.array, kv: LayerKV | None, pos: Positions) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.local_num_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.local_num_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.local_num_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset)  # (B, local_heads, L, head_dim)
-        k = self.rope(k, offset)  # (B, local_kv_heads, L, head_dim)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)  # (B, local_kv_heads, offset + L, head_dim)
-        mask = causal_mask(L, offset)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        q, k, v = self._project(x)
+        q = q.reshape(B, L, self.local_num_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, self.local_num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.local_num_kv_heads, -1).transpose(0, 2, 1, 3)
+        q = self.rope(q, pos.offset)  # (B, local_heads, L, head_dim)
+        k = self.rope(k, pos.offset)  # (B, local_kv_heads, L, head_dim)
+        if kv is not None:
+            k, v = kv.write(k, v, pos.offset)  # (B, local_kv_heads, capacity, head_dim)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
         o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, local_heads * head_dim)
         return self.o_proj(o)
-
-
-def causal_mask(length: int, offset: int) -> mx.array | str | None:
-    """Query i (at position offset + i) sees keys 0..offset + i."""
-    if length == 1:
-        return None
-    if offset == 0:
-        return "causal"
-    q_pos = mx.arange(offset, offset + length)[:, None]
-    return q_pos >= mx.arange(offset + length)[None]

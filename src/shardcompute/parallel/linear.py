@@ -85,6 +85,26 @@ class ColumnParallelLinear(ShardedLinear):
         y = self._matmul(x)
         return y + self.bias if "bias" in self else y
 
+    @classmethod
+    def fused(cls, parts: list[ColumnParallelLinear]) -> ColumnParallelLinear | None:
+        """One layer whose output is the parts' outputs side by side (their rows stacked):
+        one matmul, and one larger gemv when decoding, instead of several. None when the
+        parts cannot share a matmul (different quantization or bias)."""
+        first = parts[0]
+        names = _array_names(first)
+        if any(p.quant != first.quant or _array_names(p) != names for p in parts):
+            return None
+        packed = first.weight.shape[-1]
+        in_features = packed * 32 // first.quant.bits if first.quant else packed
+        local_out = sum(p.out_range[1] - p.out_range[0] for p in parts)
+        out = cls(in_features, (0, local_out), "bias" in first, first.quant)
+        out.update({k: mx.concatenate([p[k] for p in parts]) for k in names})
+        return out
+
+
+def _array_names(module: nn.Module) -> list[str]:
+    return sorted(k for k, v in module.items() if isinstance(v, mx.array))
+
 
 class RowParallelLinear(ShardedLinear):
     """y = all_sum(x[:, in_range] @ W[:, in_range].T) + b. One all-reduce, bias after it."""

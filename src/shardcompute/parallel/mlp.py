@@ -27,6 +27,16 @@ class ParallelMLP(nn.Module):
         self.up_proj = ColumnParallelLinear(args.hidden_size, units, bias, quant["up_proj"])
         self.down_proj = RowParallelLinear(units, args.hidden_size, comm, bias, quant["down_proj"])
 
+    def fuse(self) -> None:
+        """Replace gate and up by one layer with their rows stacked (2 matmuls become 1)."""
+        fused = ColumnParallelLinear.fused([self.gate_proj, self.up_proj])
+        if fused is not None:
+            del self["gate_proj"], self["up_proj"]
+            self.gate_up_proj = fused
+
     def __call__(self, x: mx.array) -> mx.array:
-        h = nn.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, L, local_intermediate)
-        return self.down_proj(h)
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(nn.silu(gate) * up)  # silu(gate) * up: (B, L, local_intermediate)

@@ -44,7 +44,7 @@ class RoPE(nn.Module):
             raise ModelFormatError(f"rope_scaling type {kind!r} is not supported")
         self._freqs = 1.0 / inv_freq  # mx.fast.rope takes periods, not inverse frequencies
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+    def __call__(self, x: mx.array, offset: mx.array | int = 0) -> mx.array:
         return mx.fast.rope(
             x,
             self.dims,

@@ -111,12 +111,10 @@ def local_address_towards(url: str) -> str:
 # --- the engine child ----------------------------------------------------------------------
 
 
-def blas_threads(assignment: Assignment) -> int:
-    """The engine's share of this machine's cores: ranks on one host split them, since
-    co-located ranks whose BLAS threads outnumber the cores run many times slower."""
+def local_ranks(assignment: Assignment) -> int:
+    """Ranks of this group on this engine's host: they split its cores (see `_blas`)."""
     host = assignment.hostfile[assignment.rank].rsplit(":", 1)[0]
-    local_ranks = sum(entry.rsplit(":", 1)[0] == host for entry in assignment.hostfile)
-    return max(1, (os.cpu_count() or 1) // local_ranks)
+    return sum(entry.rsplit(":", 1)[0] == host for entry in assignment.hostfile)
 
 
 class EngineProcess:
@@ -137,7 +135,7 @@ class EngineProcess:
         hostfile = self._work_dir / f"hostfile-g{assignment.generation}.json"
         hostfile.write_text(json.dumps([[entry] for entry in assignment.hostfile]))
         env = {**self._env, "MLX_RANK": str(assignment.rank), "MLX_HOSTFILE": str(hostfile)}
-        env.setdefault("OPENBLAS_NUM_THREADS", str(blas_threads(assignment)))
+        env["SHARDCOMPUTE_LOCAL_RANKS"] = str(local_ranks(assignment))
         cmd = [*self._command, "--assignment", str(path)]
         log.info(
             "starting engine rank %d of generation %d: %s",
