@@ -30,10 +30,12 @@ class LayerKV:
 
 @dataclass
 class Positions:
-    """Where the L tokens of a forward pass sit: their offset and the attention mask."""
+    """Where the L tokens of a forward pass sit: their offset, the attention mask, and (filled
+    in by the model) the RoPE cos/sin of those positions."""
 
     offset: mx.array | int  # (1,) int32 with a cache, 0 without
     mask: mx.array | str | None  # (L, capacity) bool with a cache; "causal" or None without
+    rope: tuple[mx.array, mx.array] | None = None
 
     @classmethod
     def uncached(cls, length: int) -> Positions:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,6 +27,7 @@ from shardcompute.parallel.embedding import HiddenParallelEmbedding
 from shardcompute.parallel.linear import QuantSpec, VocabParallelLMHead
 from shardcompute.parallel.mlp import ParallelMLP
 from shardcompute.parallel.plan import PartitionPlan
+from shardcompute.parallel.rope import RoPE
 
 QuantMap = Mapping[str, QuantSpec]  # module path -> quantization, for quantized weights only
 COMPILE_DECODE = os.environ.get("SHARDCOMPUTE_COMPILE", "1") != "0"
@@ -82,11 +84,13 @@ class LlamaBody(nn.Module):
             for i in range(args.num_hidden_layers)
         ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.rope = RoPE(args)
 
     def __call__(
         self, ids: mx.array, kv: list[LayerKV] | None = None, pos: Positions | None = None
     ) -> mx.array:
         pos = pos or Positions.uncached(ids.shape[1])
+        pos = replace(pos, rope=self.rope.tables(pos.offset, ids.shape[1]))
         h = self.embed_tokens(ids)  # (B, L, hidden)
         for i, layer in enumerate(self.layers):
             h = layer(h, kv[i] if kv else None, pos)

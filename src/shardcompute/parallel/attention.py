@@ -10,7 +10,7 @@ from shardcompute.model.args import ModelArgs
 from shardcompute.model.cache import LayerKV, Positions
 from shardcompute.parallel.linear import ColumnParallelLinear, QuantSpec, RowParallelLinear
 from shardcompute.parallel.plan import RankSlices
-from shardcompute.parallel.rope import RoPE
+from shardcompute.parallel.rope import rotate
 
 
 class ParallelAttention(nn.Module):
@@ -38,7 +38,6 @@ class ParallelAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             q_cols, args.hidden_size, comm, args.attention_bias, quant["o_proj"]
         )
-        self.rope = RoPE(args)
 
     def fuse(self) -> None:
         """Replace q/k/v by one layer with their rows stacked (3 matmuls become 1)."""
@@ -61,8 +60,8 @@ class ParallelAttention(nn.Module):
         q = q.reshape(B, L, self.local_num_heads, -1).transpose(0, 2, 1, 3)
         k = k.reshape(B, L, self.local_num_kv_heads, -1).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.local_num_kv_heads, -1).transpose(0, 2, 1, 3)
-        q = self.rope(q, pos.offset)  # (B, local_heads, L, head_dim)
-        k = self.rope(k, pos.offset)  # (B, local_kv_heads, L, head_dim)
+        q = rotate(q, *pos.rope)  # (B, local_heads, L, head_dim)
+        k = rotate(k, *pos.rope)  # (B, local_kv_heads, L, head_dim)
         if kv is not None:
             k, v = kv.write(k, v, pos.offset)  # (B, local_kv_heads, capacity, head_dim)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
