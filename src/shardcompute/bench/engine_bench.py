@@ -83,7 +83,8 @@ def run_cell(job, timeout: float) -> list[dict]:
 
 def cores_used(world_size: int) -> int:
     """Cores the ranks of one local group keep busy (each gets its share; see `_blas`)."""
-    return min(os.cpu_count() or 1, world_size * blas_threads(world_size))
+    threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or blas_threads(world_size))
+    return min(os.cpu_count() or 1, world_size * threads)
 
 
 def add_bound(rows: list[dict], bandwidth: dict[int, float]) -> None:

@@ -47,6 +47,7 @@ def generate_step(
         prompt = prompt[:, PREFILL_STEP:]
     y = next_y = step(prompt)
     mx.async_eval(y)
+    failed = False
     try:
         for n in range(params.max_tokens):
             if n + 1 < params.max_tokens:  # build the next step while this one computes
@@ -59,9 +60,14 @@ def generate_step(
             if token in stop_ids:
                 return
             y = next_y
+    except BaseException as e:
+        failed = not isinstance(e, GeneratorExit)  # GeneratorExit: the consumer stopped early
+        raise
     finally:
         # Finish the step in flight on every rank, so none exits with a peer mid-collective.
-        mx.eval(next_y)
+        # Not after a failure: a lost peer would leave that step waiting forever.
+        if not failed:
+            mx.eval(next_y)
 
 
 def shared_seed(comm: Collectives, params: SamplingParams) -> int:
