@@ -16,7 +16,7 @@ from shardcompute.engine.job import GenerateJob, ModelSpec
 from shardcompute.engine.sampling import SamplingParams
 from shardcompute.errors import ShardComputeError
 from shardcompute.model.llama import Model
-from shardcompute.model.loader import load_model
+from shardcompute.model.loader import describe_dtype, load_model
 
 
 def load_spec(spec: ModelSpec, comm: Collectives) -> Model:
@@ -91,7 +91,7 @@ def run(job: GenerateJob) -> None:
     print(
         f"\n[prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
         f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
-        f"world size {comm.size}]",
+        f"world size {comm.size} | dtype {describe_dtype(job.spec.dtype)}]",
         flush=True,
     )
 

@@ -31,6 +31,16 @@ def resolve_dtype(dtype: str) -> str:
     return "float32" if mx.default_device() == mx.cpu else "quantized"
 
 
+def describe_dtype(dtype: str) -> str:
+    """What `dtype` runs as, with the reason when `auto` chose it (for logs and status lines)."""
+    chosen = resolve_dtype(dtype)
+    if dtype != "auto":
+        return chosen
+    if chosen == "float32":
+        return "float32 (auto: on the CPU, MLX's quantized and bf16 matmul have no fast path)"
+    return f"{chosen} (auto: on a GPU, quantized weights stream the fewest bytes)"
+
+
 def open_checkpoint(model: str | Path) -> Checkpoint:
     """A path, a cached short name, or `dummy:NAME` for random weights with a real config."""
     text = str(model)

@@ -35,6 +35,7 @@ from shardcompute.engine.job import ModelSpec
 from shardcompute.engine.rank_main import encode_prompt, load_spec, stop_ids, tokenizer_for
 from shardcompute.engine.sampling import SamplingParams
 from shardcompute.model.llama import Model
+from shardcompute.model.loader import describe_dtype
 from shardcompute.protocol import (
     CLUSTER_TOKEN_ENV,
     Assignment,
@@ -421,6 +422,10 @@ def run(a: Assignment, token: str) -> None:
     comm = Collectives(init_group(a.backend, a.world_size))
     spec = spec_of(a)
     model = load_spec(spec, comm)
+    # Trace the compiled decode step (and, on a fresh machine, build its kernels) now, on
+    # every rank together, rather than in the first request's time to first token.
+    for _ in generate_step(model, [0], SamplingParams(max_tokens=2)):
+        pass
     tokenizer = tokenizer_for(spec) if comm.rank == 0 else None
     queue = Queue(a, token)
     watchdog = Watchdog(a.collective_timeout_seconds)
@@ -436,7 +441,13 @@ def run(a: Assignment, token: str) -> None:
     except (GenerationOver, httpx.HTTPStatusError) as e:  # replaced while loading
         log.info("rank %d of generation %d is no longer wanted: %s", a.rank, a.generation, e)
         return
-    log.info("rank %d of %d loaded %s", comm.rank, comm.size, spec.model)
+    log.info(
+        "rank %d of %d loaded %s as %s",
+        comm.rank,
+        comm.size,
+        spec.model,
+        describe_dtype(spec.dtype),
+    )
     serve(ctx, lambda: stop[0])
     log.info("rank %d exiting", comm.rank)
 
@@ -456,7 +467,10 @@ def main(argv: list[str] | None = None) -> int:
         run(a, token)
     except EngineBroken as e:
         log.exception("rank %d exiting: %s", a.rank, e)
-        return 1
+        # Not a normal interpreter exit: a step may still be in flight on MLX's stream, waiting
+        # on a lost peer, and tearing MLX down would wait for it forever.
+        logging.shutdown()
+        os._exit(1)
     return 0
 
 
