@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -20,12 +21,18 @@ def test_bench_rows(tiny_hf_model, tmp_path):
     out = tmp_path / "rows.json"
     cmd = [sys.executable, "-m", "shardcompute.cli", "bench", "--model", str(model)]
     cmd += ["--world-sizes", "1,2", "--prompt-tokens", "8", "--max-tokens", "6"]
-    cmd += ["--trials", "1", "--backend", "ring", "--json", str(out)]
+    cmd += ["--trials", "1", "--backend", "ring", "--json", str(out), "--threads", "auto,1"]
     cmd += ["--plot", str(tmp_path / "plot.png")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["world_size"] for r in rows] == [1, 2]
+    # Each world size with its share of the cores ("auto"), and with 1 thread where that differs.
+    share = {ws: max(1, (os.cpu_count() or 1) // ws) for ws in (1, 2)}
+    cells = [(ws, t) for ws in (1, 2) for t in dict.fromkeys((share[ws], 1))]
+    assert [(r["world_size"], r["blas_threads"]) for r in rows] == cells
+    if _blas.loaded:  # the ranks really ran with the threads asked for
+        assert all(f"{r['blas_threads']} thread(s)" in r["blas"] for r in rows)
+    rows = [r for r in rows if r["threads_asked"] == "auto"]
     for row in rows:
         assert ROW_FIELDS | {"collective_s_per_token", "bound_tok_s"} <= row.keys()
         assert row["decode_tok_s"] > 0 and row["step_s"] == pytest.approx(1 / row["decode_tok_s"])

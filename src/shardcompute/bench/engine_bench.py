@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="comma list: float32,bfloat16,quantized")
     p.add_argument("--prompt-tokens", default="128", help="comma list")
     p.add_argument("--max-tokens", default="64", help="comma list")
+    p.add_argument(
+        "--threads",
+        default="auto",
+        help="comma list of BLAS threads per rank; auto: each rank's share of the cores",
+    )
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -71,6 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def grid(world_sizes: list[int], threads: list[int | None]) -> list[tuple[int, int | None]]:
+    """(world size, BLAS threads per rank) cells, without repeating the default share."""
+    cells = []
+    for ws in world_sizes:
+        for t in threads:
+            if t is None or None not in threads or t != rank_threads(ws):
+                cells.append((ws, t))
+    return cells
+
+
 def run_cell(job, timeout: float) -> list[dict]:
     """Launch one cell's ranks; rank 0's rows."""
     with tempfile.TemporaryDirectory(prefix="shardcompute-bench-") as tmp:
@@ -81,10 +96,14 @@ def run_cell(job, timeout: float) -> list[dict]:
         return json.loads(out.read_text())
 
 
-def cores_used(world_size: int) -> int:
-    """Cores the ranks of one local group keep busy (each gets its share; see `_blas`)."""
-    threads = int(os.environ.get("OPENBLAS_NUM_THREADS") or blas_threads(world_size))
-    return min(os.cpu_count() or 1, world_size * threads)
+def rank_threads(world_size: int, threads: int | None = None) -> int:
+    """BLAS threads per rank: as asked, else OPENBLAS_NUM_THREADS, else the rank's share."""
+    return threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or blas_threads(world_size))
+
+
+def cores_used(world_size: int, threads: int | None = None) -> int:
+    """Cores the ranks of one local group keep busy."""
+    return min(os.cpu_count() or 1, world_size * rank_threads(world_size, threads))
 
 
 def add_bound(rows: list[dict], bandwidth: dict[int, float]) -> None:
@@ -92,7 +111,7 @@ def add_bound(rows: list[dict], bandwidth: dict[int, float]) -> None:
     bandwidth of the cores in use (all of them, at every world size, on one machine)."""
     for row in rows:
         ws = row["world_size"]
-        share = bandwidth[cores_used(ws)] / ws
+        share = bandwidth[cores_used(ws, row.get("blas_threads"))] / ws
         row["bandwidth_gb_s_per_rank"] = share
         row["bound_tok_s"] = min(share * 1e9 / b for b in row["streamed_bytes_per_rank"])
 
@@ -162,7 +181,9 @@ def plot(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list[dict]] = {}
     for r in rows:
-        series.setdefault(f"{r['model']} {r['dtype']} P{r['prompt_tokens']}", []).append(r)
+        threads = r.get("threads_asked", "auto")
+        label = f"{r['model']} {r['dtype']} P{r['prompt_tokens']} threads/rank {threads}"
+        series.setdefault(label, []).append(r)
     for label, rs in series.items():
         rs.sort(key=lambda r: r["world_size"])
         ws = [r["world_size"] for r in rs]
@@ -186,8 +207,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     models, dtypes = _csv(args.model), _csv(args.dtype)
     world_sizes = _csv(args.world_sizes, int)
+    threads = [None if t == "auto" else int(t) for t in _csv(args.threads)]
     with console.status("measuring memory bandwidth"):
-        used = {1} | {cores_used(w) for w in world_sizes}
+        used = {1} | {cores_used(w, t) for w in world_sizes for t in threads}
         bandwidth = {n: measure_bandwidth(n) for n in sorted(used)}
     for n, gb in bandwidth.items():
         console.print(f"memory bandwidth, {n} process(es): {gb:.1f} GB/s")
@@ -195,9 +217,10 @@ def bench_main(argv: list[str] | None = None) -> int:
     try:
         for model in models:
             for dtype in dtypes:
-                for ws in world_sizes:
+                for ws, t in grid(world_sizes, threads):
                     weights = parse_weights(args.weights, ws) if args.weights and ws == 2 else None
                     job = BenchJob(
+                        blas_threads=t,
                         world_size=ws,
                         backend=resolve_backend(args.backend) if ws > 1 else "ring",
                         spec=ModelSpec(model=model, dtype=dtype, weights=weights),
@@ -209,6 +232,9 @@ def bench_main(argv: list[str] | None = None) -> int:
                     )
                     with console.status(f"{model} {dtype} world size {ws}"):
                         cell = run_cell(job, args.timeout)
+                    for row in cell:
+                        row["blas_threads"] = rank_threads(ws, t)
+                        row["threads_asked"] = "auto" if t is None else t
                     add_bound(cell, bandwidth)
                     rows += cell
                     print_table(cell)

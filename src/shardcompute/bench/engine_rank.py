@@ -10,6 +10,7 @@ import shardcompute  # noqa: F401  (first: sets up the BLAS before mlx.core)
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -45,6 +46,7 @@ class BenchJob(BaseModel):
     trials: int = 3
     warmup: int = 1
     seed: int = 0
+    blas_threads: int | None = None  # per rank; None: its share of the cores (see `_blas`)
     sweep_bytes: tuple[int, ...] = (4, 2304, 16384, 262144, 1048576)
 
 
@@ -109,6 +111,9 @@ def allreduce_sweep(comm: Collectives, sizes: tuple[int, ...]) -> dict[str, floa
 
 def run(job: BenchJob) -> tuple[int, list[dict]]:
     """(this rank, the rows: one per prompt length x generation length)."""
+    if job.blas_threads and _blas.loaded:
+        split = int(os.environ.get("SHARDCOMPUTE_GEMV_SPLIT") or _blas.GEMV_SPLIT_DEFAULT)
+        _blas.loaded.set_threads(job.blas_threads, split)
     comm = Collectives(init_group(job.backend, job.world_size))
     model = load_spec(job.spec, comm)
     rng = np.random.default_rng(job.seed)
