@@ -190,7 +190,7 @@ def plot(rows: list[dict], path: str) -> None:
         line = ax.plot(ws, [r["decode_tok_s"] for r in rs], "o-", label=label)[0]
         if all("bound_tok_s" in r for r in rs):
             bounds = [r["bound_tok_s"] for r in rs]
-            ax.plot(ws, bounds, "--", color=line.get_color(), alpha=0.6, label=f"{label} bound")
+            ax.plot(ws, bounds, "x--", color=line.get_color(), alpha=0.6, label=f"{label} bound")
     ax.set_xlabel("world size")
     ax.set_ylabel("decode tok/s")
     ax.set_xticks(sorted({r["world_size"] for r in rows}))
