@@ -68,3 +68,21 @@ def test_routed_matmul_matches_numpy(shape):
     np.testing.assert_allclose(np.array(got), 0.5 * a @ b + 2 * bias, rtol=1e-4, atol=1e-4)
     routed = _blas.loaded.routed_calls() - before
     assert routed == (4 if 1 in (m, n) else 0)
+
+
+def test_mlx_lm_peer_gets_the_same_model(smollm2_gguf, tmp_path):
+    """`--compare` times mlx-lm on an HF export of our dense weights. The export must be the
+    same model: read back as an HF directory, it gives the GGUF's logits."""
+    import mlx.core as mx
+
+    from shardcompute.bench.mlx_lm_peer import export_hf_dir
+    from shardcompute.model.loader import load_model
+
+    out = export_hf_dir(str(smollm2_gguf), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] and config["num_hidden_layers"] == 30
+    assert (out / "tokenizer.json").exists()
+    ids = mx.array([[1, 504, 3458, 282, 4649, 314]])
+    exported = load_model(out, "float32")(ids)
+    original = load_model(smollm2_gguf, "float32")(ids)
+    assert mx.allclose(exported, original, atol=1e-5).item()

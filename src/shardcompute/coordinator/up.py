@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -36,7 +37,7 @@ from shardcompute.client.chat import (
 from shardcompute.config import load_config
 from shardcompute.errors import ShardComputeError
 from shardcompute.protocol import CLUSTER_TOKEN_ENV
-from shardcompute.worker.agent import ENGINE_COMMAND_ENV
+from shardcompute.worker.agent import ENGINE_COMMAND_ENV, die_with_parent
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -118,15 +119,6 @@ def _commands(args: argparse.Namespace, url: str) -> list[tuple[str, list[str]]]
     return [("coordinator", coordinator), *workers]
 
 
-def _die_with_parent() -> None:
-    # Linux only: SIGTERM the child if `up` itself is killed with SIGKILL and cannot clean up.
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def start_children(args: argparse.Namespace, url: str, log_dir: Path) -> list[Child]:
     """Start the coordinator and the agents, sharing a fresh cluster token."""
     env = {**os.environ, CLUSTER_TOKEN_ENV: secrets.token_urlsafe(24)}
@@ -143,7 +135,8 @@ def start_children(args: argparse.Namespace, url: str, log_dir: Path) -> list[Ch
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                # SIGTERM (an orderly stop) if `up` itself is killed and cannot clean up.
+                preexec_fn=partial(die_with_parent, signal.SIGTERM),
             )
         children.append(Child(name, proc, log))
     return children

@@ -176,13 +176,13 @@ class EngineProcess:
         proc.wait(5.0)
 
 
-def die_with_parent() -> None:
-    """In a child, before exec: SIGKILL it when its parent dies (Linux; elsewhere a no-op)."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In a child, before exec: send it `sig` when its parent dies (Linux; elsewhere a no-op)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, sig)
 
 
 # --- talking to the coordinator ------------------------------------------------------------
