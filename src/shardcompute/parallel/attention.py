@@ -55,15 +55,28 @@ class ParallelAttention(nn.Module):
         return q, k, v
 
     def __call__(self, x: mx.array, kv: LayerKV | None, pos: Positions) -> mx.array:
-        B, L, _ = x.shape
         q, k, v = self._project(x)
-        q = q.reshape(B, L, self.local_num_heads, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, self.local_num_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, self.local_num_kv_heads, -1).transpose(0, 2, 1, 3)
-        q = rotate(q, *pos.rope)  # (B, local_heads, L, head_dim)
-        k = rotate(k, *pos.rope)  # (B, local_kv_heads, L, head_dim)
+        q = rotate(split_heads(q, self.local_num_heads), *pos.rope)  # (B, heads, L, head_dim)
+        k = rotate(split_heads(k, self.local_num_kv_heads), *pos.rope)
+        v = split_heads(v, self.local_num_kv_heads)
         if kv is not None:
             k, v = kv.write(k, v, pos.offset)  # (B, local_kv_heads, capacity, head_dim)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
-        o = o.transpose(0, 2, 1, 3).reshape(B, L, -1)  # (B, L, local_heads * head_dim)
-        return self.o_proj(o)
+        return self.o_proj(merge_heads(o))
+
+
+def split_heads(x: mx.array, heads: int) -> mx.array:
+    """(B, L, heads * head_dim) -> (B, heads, L, head_dim). One token needs no transpose, and
+    a decode step saves the graph node (4 per layer with `merge_heads`)."""
+    B, L, _ = x.shape
+    if L == 1:
+        return x.reshape(B, heads, 1, -1)
+    return x.reshape(B, L, heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """(B, heads, L, head_dim) -> (B, L, heads * head_dim)."""
+    B, _, L, _ = x.shape
+    if L == 1:
+        return x.reshape(B, 1, -1)
+    return x.transpose(0, 2, 1, 3).reshape(B, L, -1)
