@@ -2,6 +2,7 @@
 # Set up a fresh machine, then install this package. On Linux, from Debian where it's missing:
 # - libopenblas0-pthread: fallback BLAS for float32 (the scipy-openblas32 wheel comes first)
 # - gcc: builds the small library that routes single-row matmuls to sgemv
+# - g++: MLX builds the compiled decode step's fused CPU kernels with it, at run time
 # - openmpi: the mpi backend, whose shared-memory all-reduce is ~30x faster than ring on loopback
 # --test also installs what the test suite needs (CPU torch for the HF reference).
 set -euo pipefail
@@ -11,6 +12,7 @@ if [ "$(uname)" = Linux ]; then
   missing=()
   ldconfig -p 2>/dev/null | grep -q libopenblas.so.0 || missing+=(libopenblas0-pthread)
   command -v cc >/dev/null || missing+=(gcc libc6-dev)
+  command -v g++ >/dev/null || missing+=(g++)
   command -v mpirun >/dev/null || missing+=(openmpi-bin libopenmpi-dev)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

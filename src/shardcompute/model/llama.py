@@ -13,6 +13,7 @@ and the position is an array, so the trace is reused at every position (see mode
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -30,7 +31,17 @@ from shardcompute.parallel.plan import PartitionPlan
 from shardcompute.parallel.rope import RoPE
 
 QuantMap = Mapping[str, QuantSpec]  # module path -> quantization, for quantized weights only
-COMPILE_DECODE = os.environ.get("SHARDCOMPUTE_COMPILE", "1") != "0"
+
+
+def _compile_decode() -> bool:
+    """On the CPU, MLX builds a compiled graph's fused kernels with g++ at run time: without
+    it, decode runs op by op."""
+    if os.environ.get("SHARDCOMPUTE_COMPILE", "1") == "0":
+        return False
+    return mx.default_device() != mx.cpu or shutil.which("g++") is not None
+
+
+COMPILE_DECODE = _compile_decode()
 
 
 def collectives_per_forward(args: ModelArgs) -> int:
