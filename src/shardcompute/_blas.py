@@ -56,6 +56,7 @@ class BlasSetup:
         return f"{Path(self.library).name} ({how}, {self.threads} thread(s))"
 
     def set_threads(self, n: int, gemv_split_elems: int = 0) -> None:
+        """n threads; a gemv's split threshold changes only when given (> 0)."""
         self.threads = n
         if self.handle is not None:
             self.handle.gemv_route_set_threads(n, ctypes.c_long(gemv_split_elems))
@@ -151,6 +152,11 @@ def blas_threads(local_ranks: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_ranks))
 
 
+def process_threads(local_ranks: int = 1) -> int:
+    """BLAS threads for one of `local_ranks` processes here: OPENBLAS_NUM_THREADS if set."""
+    return int(os.environ.get("OPENBLAS_NUM_THREADS") or blas_threads(local_ranks))
+
+
 def preload_blas() -> BlasSetup | None:
     """Put the fast BLAS in place (Linux only); return what was set up, or None."""
     global loaded
@@ -163,8 +169,6 @@ def preload_blas() -> BlasSetup | None:
     loaded = loaded or _try_system()
     if loaded is not None:
         env = os.environ.get
-        threads = int(
-            env("OPENBLAS_NUM_THREADS") or blas_threads(int(env("SHARDCOMPUTE_LOCAL_RANKS") or 1))
-        )
+        threads = process_threads(int(env("SHARDCOMPUTE_LOCAL_RANKS") or 1))
         loaded.set_threads(threads, int(env("SHARDCOMPUTE_GEMV_SPLIT") or GEMV_SPLIT_DEFAULT))
     return loaded

@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from shardcompute._blas import blas_threads
+from shardcompute._blas import process_threads
 from shardcompute.engine.job import ModelSpec
 from shardcompute.engine.launch import launch_local, resolve_backend
 from shardcompute.errors import ShardComputeError
@@ -98,7 +98,7 @@ def run_cell(job, timeout: float) -> list[dict]:
 
 def rank_threads(world_size: int, threads: int | None = None) -> int:
     """BLAS threads per rank: as asked, else OPENBLAS_NUM_THREADS, else the rank's share."""
-    return threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or blas_threads(world_size))
+    return threads or process_threads(world_size)
 
 
 def cores_used(world_size: int, threads: int | None = None) -> int:

@@ -10,7 +10,6 @@ import shardcompute  # noqa: F401  (first: sets up the BLAS before mlx.core)
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
@@ -112,8 +111,7 @@ def allreduce_sweep(comm: Collectives, sizes: tuple[int, ...]) -> dict[str, floa
 def run(job: BenchJob) -> tuple[int, list[dict]]:
     """(this rank, the rows: one per prompt length x generation length)."""
     if job.blas_threads and _blas.loaded:
-        split = int(os.environ.get("SHARDCOMPUTE_GEMV_SPLIT") or _blas.GEMV_SPLIT_DEFAULT)
-        _blas.loaded.set_threads(job.blas_threads, split)
+        _blas.loaded.set_threads(job.blas_threads)
     comm = Collectives(init_group(job.backend, job.world_size))
     model = load_spec(job.spec, comm)
     rng = np.random.default_rng(job.seed)

@@ -54,12 +54,8 @@ class KVCache:
     step = 256
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: mx.Dtype):
-        self.num_layers, self.kv_heads, self.head_dim, self.dtype = (
-            num_layers,
-            kv_heads,
-            head_dim,
-            dtype,
-        )
+        self.num_layers = num_layers
+        self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
         self.layers: list[LayerKV] = []
         self.offset = 0
 
@@ -88,11 +84,20 @@ class KVCache:
         return Positions.cached(mx.array([self.offset], mx.int32), length, self.capacity)
 
     def arrays(self) -> list[mx.array]:
-        return [a for layer in self.layers for a in (layer.keys, layer.values)]
+        return flatten(self.layers)
 
     def set_arrays(self, arrays: list[mx.array]) -> None:
-        self.layers = [LayerKV(k, v) for k, v in zip(arrays[::2], arrays[1::2], strict=True)]
+        self.layers = unflatten(arrays)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
+
+
+def flatten(layers: list[LayerKV]) -> list[mx.array]:
+    """[k0, v0, k1, v1, ...]: the buffers as a compiled function's inputs and outputs."""
+    return [a for layer in layers for a in (layer.keys, layer.values)]
+
+
+def unflatten(arrays: list[mx.array]) -> list[LayerKV]:
+    return [LayerKV(k, v) for k, v in zip(arrays[::2], arrays[1::2], strict=True)]

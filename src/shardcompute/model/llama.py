@@ -22,7 +22,7 @@ import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
 from shardcompute.model.args import ModelArgs
-from shardcompute.model.cache import KVCache, LayerKV, Positions
+from shardcompute.model.cache import KVCache, LayerKV, Positions, flatten, unflatten
 from shardcompute.parallel.attention import ParallelAttention
 from shardcompute.parallel.embedding import HiddenParallelEmbedding
 from shardcompute.parallel.linear import QuantSpec, VocabParallelLMHead
@@ -172,9 +172,9 @@ class Model(nn.Module):
     def _decode_graph(self, ids: mx.array, offset: mx.array, *arrays: mx.array) -> list[mx.array]:
         """Pure in arrays (weights are constants of the trace): ids, offset, KV buffers ->
         hidden state and the updated buffers."""
-        kv = [LayerKV(k, v) for k, v in zip(arrays[::2], arrays[1::2], strict=True)]
+        kv = unflatten(list(arrays))
         h = self.model(ids, kv, Positions.cached(offset, 1, arrays[0].shape[2]))
-        return [h, *(a for layer in kv for a in (layer.keys, layer.values))]
+        return [h, *flatten(kv)]
 
     def fuse_projections(self) -> None:
         """Stack q/k/v and gate/up rows after loading: 4 matmuls per layer instead of 7.

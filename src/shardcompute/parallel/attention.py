@@ -8,7 +8,12 @@ import mlx.nn as nn
 from shardcompute.collectives.group import Collectives
 from shardcompute.model.args import ModelArgs
 from shardcompute.model.cache import LayerKV, Positions
-from shardcompute.parallel.linear import ColumnParallelLinear, QuantSpec, RowParallelLinear
+from shardcompute.parallel.linear import (
+    ColumnParallelLinear,
+    QuantSpec,
+    RowParallelLinear,
+    fuse_columns,
+)
 from shardcompute.parallel.plan import RankSlices
 from shardcompute.parallel.rope import rotate
 
@@ -41,10 +46,7 @@ class ParallelAttention(nn.Module):
 
     def fuse(self) -> None:
         """Replace q/k/v by one layer with their rows stacked (3 matmuls become 1)."""
-        fused = ColumnParallelLinear.fused([self.q_proj, self.k_proj, self.v_proj])
-        if fused is not None:
-            del self["q_proj"], self["k_proj"], self["v_proj"]
-            self.qkv_proj = fused
+        fuse_columns(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
     def _project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         if "qkv_proj" not in self:

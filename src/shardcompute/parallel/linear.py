@@ -102,6 +102,16 @@ class ColumnParallelLinear(ShardedLinear):
         return out
 
 
+def fuse_columns(module: nn.Module, parts: tuple[str, ...], name: str) -> None:
+    """Replace `module`'s column-parallel children `parts` by one, `name`, with their rows
+    stacked (see `ColumnParallelLinear.fused`); they stay apart when they cannot share it."""
+    fused = ColumnParallelLinear.fused([module[p] for p in parts])
+    if fused is not None:
+        for p in parts:
+            del module[p]
+        setattr(module, name, fused)
+
+
 def _array_names(module: nn.Module) -> list[str]:
     return sorted(k for k, v in module.items() if isinstance(v, mx.array))
 

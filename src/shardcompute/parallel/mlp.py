@@ -7,7 +7,12 @@ import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
 from shardcompute.model.args import ModelArgs
-from shardcompute.parallel.linear import ColumnParallelLinear, QuantSpec, RowParallelLinear
+from shardcompute.parallel.linear import (
+    ColumnParallelLinear,
+    QuantSpec,
+    RowParallelLinear,
+    fuse_columns,
+)
 from shardcompute.parallel.plan import RankSlices
 
 
@@ -29,10 +34,7 @@ class ParallelMLP(nn.Module):
 
     def fuse(self) -> None:
         """Replace gate and up by one layer with their rows stacked (2 matmuls become 1)."""
-        fused = ColumnParallelLinear.fused([self.gate_proj, self.up_proj])
-        if fused is not None:
-            del self["gate_proj"], self["up_proj"]
-            self.gate_up_proj = fused
+        fuse_columns(self, ("gate_proj", "up_proj"), "gate_up_proj")
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:
