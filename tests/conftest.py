@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import shardcompute  # noqa: F401  (first: preloads OpenBLAS before anything imports mlx.core)
-from shardcompute.model.download import DEFAULT_MODEL, resolve_model
+# The test process computes float32 in-process: IEEE float32 (no TF32 on CUDA), set before MLX
+# loads, and on the CPU the fast BLAS, as every rank process gets them.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+import shardcompute.rank_setup  # noqa: E402, F401  (before anything imports mlx.core)
+from shardcompute.model.download import DEFAULT_MODEL, resolve_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,8 +32,8 @@ def greedy_chat_reply(smollm2_gguf) -> Callable[[str, int], str]:
     single-process SmolLM2 (float32) to one user message through its chat template."""
     from shardcompute.engine.generate import stream_generate
     from shardcompute.engine.job import ModelSpec
+    from shardcompute.engine.params import SamplingParams
     from shardcompute.engine.rank_main import encode_prompt, stop_ids, tokenizer_for
-    from shardcompute.engine.sampling import SamplingParams
     from shardcompute.model.loader import load_model
 
     model = load_model(smollm2_gguf, "float32")

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-import shardcompute.model.llama as llama
+from shardcompute.dtypes import QuantSpec
 from shardcompute.model.args import ModelArgs
 from shardcompute.model.cache import KVCache
 from shardcompute.model.llama import Model
-from shardcompute.parallel.linear import QuantSpec
+from shardcompute.parallel.kernels import Kernels
 from shardcompute.parallel.plan import make_plan
 
 ARGS = ModelArgs(
@@ -24,9 +24,11 @@ ARGS = ModelArgs(
 )
 
 
-def random_model(seed: int = 0, quant: dict | None = None) -> Model:
+def random_model(seed: int = 0, quant: dict | None = None, compiled: bool = True) -> Model:
     mx.random.seed(seed)
-    model = Model(ARGS, make_plan(ARGS, 1))
+    kernels = Kernels.for_device()
+    kernels = Kernels(fused_rope=kernels.fused_rope, compiled_decode=compiled)
+    model = Model(ARGS, make_plan(ARGS, 1), mx.float32, kernels=kernels)
     model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.2, model.parameters()))
     if quant:
         for layer in model.model.layers:
@@ -44,11 +46,10 @@ def close(a: mx.array, b: mx.array, tol: float = 1e-4) -> bool:
 
 
 @pytest.mark.parametrize("compiled", [True, False])
-def test_cached_decode_matches_the_full_forward(monkeypatch, compiled):
+def test_cached_decode_matches_the_full_forward(compiled):
     """Prefill 250 tokens, then decode one at a time across the 256-slot growth of the
     buffers: each step's hidden state equals the uncached forward over the whole sequence."""
-    monkeypatch.setattr(llama, "COMPILE_DECODE", compiled)
-    model = random_model()
+    model = random_model(compiled=compiled)
     ids = np.random.default_rng(1).integers(0, ARGS.vocab_size, 262).tolist()
     cache = model.make_cache()
     first = model.last_hidden(mx.array([ids[:250]]), cache)

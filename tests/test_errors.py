@@ -8,12 +8,15 @@ import sys
 
 import pytest
 
+from shardcompute.dtypes import resolve
 from shardcompute.errors import ModelFormatError, PlanError, ShardFileError
 from shardcompute.model.args import dummy_args
 from shardcompute.model.checkpoint import read_checkpoint
 from shardcompute.model.loader import shard_checkpoint
 from shardcompute.model.sharder import read_shard
 from shardcompute.parallel.plan import make_plan, parse_weights
+
+FLOAT32 = resolve("float32", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +28,7 @@ def shards(tiny_hf_model, tmp_path_factory):
 
 def test_shards_for_another_world_size(shards):
     with pytest.raises(ShardFileError, match="made for world size 2.*world size 3"):
-        read_shard(shards, 0, 3)
+        read_shard(shards, 0, 3, FLOAT32)
 
 
 def test_missing_truncated_and_altered_shard(shards, tmp_path):
@@ -40,9 +43,9 @@ def test_missing_truncated_and_altered_shard(shards, tmp_path):
         shutil.copytree(shards, d)
         damage(d / "rank-1.safetensors")
         with pytest.raises(ShardFileError, match=message) as e:
-            read_shard(d, 1, 2)
+            read_shard(d, 1, 2, FLOAT32)
         assert "rank-1.safetensors" in str(e.value)
-    assert read_shard(shards, 1, 2)[2] is not None  # the intact copy still loads
+    assert read_shard(shards, 1, 2, FLOAT32)[2] is not None  # the intact copy still loads
 
 
 def _flip(data: bytes) -> bytes:

@@ -9,7 +9,8 @@ from pydantic import ValidationError
 
 from shardcompute.collectives.group import Collectives
 from shardcompute.engine.job import GenerateJob, ModelSpec
-from shardcompute.engine.sampling import SamplingParams, VocabParallelChooser, make_sampler
+from shardcompute.engine.params import SamplingParams
+from shardcompute.engine.sampling import VocabParallelChooser, make_sampler
 from shardcompute.parallel.linear import VocabParallelLMHead
 
 LOGITS = mx.array([[0.0, 5.0, 4.0, -1.0, 3.0]])
@@ -52,7 +53,9 @@ def test_job_round_trip():
 
 def test_vocab_parallel_chooser_is_exact():
     """One rank's chooser: greedy is the argmax; temperature draws follow softmax(logits/T)."""
-    head = VocabParallelLMHead(1, (0, LOGITS.shape[1]), [LOGITS.shape[1]], Collectives())
+    head = VocabParallelLMHead(
+        1, (0, LOGITS.shape[1]), [LOGITS.shape[1]], Collectives(), None, mx.float32
+    )
     head.weight = LOGITS.T  # logits = h @ W.T with h = [[1]]
     h = mx.ones((1, 1, 1))
     greedy = VocabParallelChooser(SamplingParams(temperature=0), head, seed=0)

@@ -1,8 +1,7 @@
-"""ShardCompute: Megatron-style tensor parallelism for Llama-family models on MLX."""
+"""ShardCompute: Megatron-style tensor parallelism for Llama-family models on MLX.
 
-from shardcompute._blas import preload_blas
+Importing the package has no side effects: processes that compute import
+`shardcompute.rank_setup` first (see `runtime`).
+"""
 
 __version__ = "0.1.0"
-
-# Must run before anything imports mlx.core; every submodule import runs this file first.
-preload_blas()

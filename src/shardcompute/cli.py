@@ -3,16 +3,75 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
+from shardcompute.dtypes import (
+    BITS_CHOICES,
+    COMPUTE_DTYPES,
+    DTYPE_CHOICES,
+    GROUP_CHOICES,
+    DtypeRequest,
+    apply_tf32,
+    policy_env,
+    resolve,
+)
 from shardcompute.errors import ShardComputeError
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_dtype_flags(p: argparse.ArgumentParser, native: bool = False) -> None:
+    """--dtype and its options. With `native`, the default keeps tensors as stored."""
+    p.add_argument(
+        "--dtype",
+        default="native" if native else "auto",
+        choices=(("native",) if native else ()) + DTYPE_CHOICES,
+        help="native: tensors as stored"
+        if native
+        else "auto: float32 on the CPU (dequantized at load), quantized (bf16 compute) on GPUs",
+    )
+    p.add_argument("--bits", type=int, choices=BITS_CHOICES, help="quantized: 4 (default) or 8")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_CHOICES,
+        help="quantized: columns per scale (default 64; GGUF keeps its own 32)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_DTYPES,
+        help="quantized: activations, scales (default: bfloat16 on GPUs, float32 on the CPU)",
+    )
+    p.add_argument(
+        "--reduce-dtype",
+        choices=COMPUTE_DTYPES,
+        help="dtype of the all-reduce payloads (default: the compute dtype)",
+    )
+    p.add_argument(
+        "--allow-tf32",
+        action="store_true",
+        help="let float32 matmuls run as TF32 on CUDA (faster, not IEEE float32)",
+    )
+
+
+def dtype_request(args: argparse.Namespace) -> DtypeRequest | None:
+    """The request the dtype flags make (None: --dtype native)."""
+    if args.dtype == "native":
+        return None
+    return DtypeRequest(
+        dtype=args.dtype,
+        bits=args.bits,
+        group_size=args.group_size,
+        compute_dtype=args.compute_dtype,
+        reduce_dtype=args.reduce_dtype,
+        allow_tf32=args.allow_tf32,
+    )
+
+
+def add_model_flags(p: argparse.ArgumentParser, native: bool = False) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -23,12 +82,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="random weights with a real config (tinyllama-1.1b, llama-3-8b, ...)",
     )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16", "float16", "quantized"),
-        help="auto: float32 on the CPU (dequantized at load), quantized on GPUs",
-    )
+    add_dtype_flags(p, native)
     p.add_argument("--weights", help="per-rank plan weights, e.g. 2,1 (default: even)")
 
 
@@ -39,16 +93,20 @@ def model_source(args: argparse.Namespace) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from shardcompute.engine.job import GenerateJob, ModelSpec
     from shardcompute.engine.launch import launch_local, resolve_backend
-    from shardcompute.engine.sampling import SamplingParams
+    from shardcompute.engine.params import SamplingParams
     from shardcompute.parallel.plan import parse_weights
+    from shardcompute.runtime import detect_device
 
     weights = parse_weights(args.weights, args.world_size) if args.weights else None
     backend = resolve_backend(args.backend)
+    request = dtype_request(args)
+    policy = resolve(request, detect_device())  # settles the ranks' environment before MLX
+    env = policy_env(policy, os.environ)
     job = GenerateJob(
         world_size=args.world_size,
         backend=backend,
         spec=ModelSpec(
-            model=model_source(args), shard_dir=args.shard_dir, dtype=args.dtype, weights=weights
+            model=model_source(args), shard_dir=args.shard_dir, dtype=request, weights=weights
         ),
         prompt=args.prompt,
         chat=args.chat,
@@ -61,7 +119,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ),
     )
     if args.world_size == 1:
-        from shardcompute.engine.rank_main import run
+        apply_tf32(policy, os.environ)
+        from shardcompute.engine.rank_main import run  # this process is the rank: MLX loads now
 
         run(job)
         return 0
@@ -73,12 +132,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             args.world_size,
             timeout=args.timeout,
             backend=backend,
+            env=env,
         )
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    import shardcompute.rank_setup  # noqa: F401  (this process converts tensors: BLAS first)
     from shardcompute.model.loader import shard_checkpoint
     from shardcompute.parallel.plan import parse_weights
 
@@ -90,6 +151,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
             args.world_size,
             args.output,
             weights,
+            dtype_request(args),
             on_rank=lambda r: console.print(f"rank {r}: written"),
         )
     save_tokenizer(model_source(args), Path(args.output))
@@ -141,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("shard", help="write one safetensors file per rank and a manifest")
-    add_model_flags(s)
+    add_model_flags(s, native=True)
     s.add_argument("--world-size", type=int, required=True)
     s.add_argument("--output", required=True)
     s.set_defaults(func=cmd_shard)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shardcompute.dtypes import ComputeDtype, DtypeRequest
 from shardcompute.errors import ConfigError
 
 ENV_PREFIX = "SHARDCOMPUTE_"
@@ -66,9 +67,25 @@ class ModelConfig(_Section):
     name: str = Field("smollm2-135m", min_length=1)
     path: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16", "quantized"] = "auto"
+    bits: Literal[4, 8] | None = None  # quantized: None is the checkpoint's own, else 4
+    group_size: Literal[32, 64, 128] | None = None  # quantized: None is the checkpoint's, else 64
+    compute_dtype: ComputeDtype | None = None  # quantized: None is bf16 on GPUs, f32 on the CPU
+    reduce_dtype: ComputeDtype | None = None  # all-reduce payloads; None: the compute dtype
+    allow_tf32: bool = False  # float32 matmuls may run as TF32 on CUDA
     # "even", "memory" (proportional to each worker's reported memory) or explicit weights.
     weights: Literal["even", "memory"] | list[float] = "even"
     shard_dir: str | None = None
+
+    @field_validator("bits", "group_size", mode="before")
+    @classmethod
+    def _env_int(cls, value: Any) -> Any:
+        # Env vars and flags give "8"; the file gives 8.
+        return int(value) if isinstance(value, str) and value.isdigit() else value
+
+    def dtype_request(self) -> DtypeRequest:
+        """The dtype keys as the request every rank resolves on its own device."""
+        keys = ("dtype", "bits", "group_size", "compute_dtype", "reduce_dtype", "allow_tf32")
+        return DtypeRequest(**{k: getattr(self, k) for k in keys})
 
     @field_validator("weights", mode="before")
     @classmethod

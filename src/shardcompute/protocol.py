@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shardcompute.dtypes import DtypeRequest
 from shardcompute.errors import ShardComputeError
 
 PROTOCOL_VERSION = 1
@@ -143,7 +144,7 @@ class Assignment(Message):
     plan_weights: list[float]
     model_name: str
     model_path: str | None = None
-    dtype: str = "auto"
+    dtype: DtypeRequest = DtypeRequest()
     shard_dir: str | None = None
     coordinator_url: str
     backend: str = "ring"

@@ -14,8 +14,8 @@ from local_cluster import LocalCluster, start_real_cluster, wait_for
 
 from shardcompute.engine.generate import stream_generate
 from shardcompute.engine.job import ModelSpec
+from shardcompute.engine.params import SamplingParams
 from shardcompute.engine.rank_main import encode_prompt, stop_ids, tokenizer_for
-from shardcompute.engine.sampling import SamplingParams
 from shardcompute.model.loader import load_model
 from shardcompute.worker.engine import FAULT_ENV
 

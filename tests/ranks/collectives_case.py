@@ -1,7 +1,7 @@
 """Run under N ranks: exercise every collective and write what rank 0 got."""
 
 # isort: off
-import shardcompute  # noqa: F401  (first: preloads OpenBLAS before mlx.core)
+import shardcompute.rank_setup  # noqa: F401  (first: a CPU rank sets up its BLAS before MLX)
 # isort: on
 
 import json

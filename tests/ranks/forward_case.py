@@ -5,7 +5,7 @@ last-step logits both ways, and the collective counts of one forward.
 """
 
 # isort: off
-import shardcompute  # noqa: F401  (first: preloads OpenBLAS before mlx.core)
+import shardcompute.rank_setup  # noqa: F401  (first: a CPU rank sets up its BLAS before MLX)
 # isort: on
 
 import argparse

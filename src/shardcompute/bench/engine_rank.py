@@ -5,11 +5,12 @@ stop token here, so each trial makes exactly the asked-for number of tokens.
 """
 
 # isort: off
-import shardcompute  # noqa: F401  (first: sets up the BLAS before mlx.core)
+import shardcompute.rank_setup  # noqa: F401  (first: a CPU rank sets up its BLAS before MLX)
 # isort: on
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -23,11 +24,13 @@ from pydantic import BaseModel, ConfigDict
 
 from shardcompute import _blas
 from shardcompute.collectives.group import Collectives, init_group
+from shardcompute.dtypes import tf32_state
 from shardcompute.engine.generate import generate_step
 from shardcompute.engine.job import ModelSpec
+from shardcompute.engine.params import SamplingParams
 from shardcompute.engine.rank_main import load_spec
-from shardcompute.engine.sampling import SamplingParams
 from shardcompute.model.llama import Model
+from shardcompute.runtime import compute_description, mlx_device
 
 SWEEP_TRIALS = 200
 
@@ -137,21 +140,24 @@ def run(job: BenchJob) -> tuple[int, list[dict]]:
                 }
             )
     sweep = allreduce_sweep(comm, job.sweep_bytes)
-    # Per-rank facts, gathered: bytes streamed per step, peak MLX memory, peak RSS.
+    # Per-rank facts, gathered: bytes streamed per step, peak MLX memory, peak RSS, TF32 off.
     mine = [
         streamed_bytes(model),
         mx.get_peak_memory(),
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        tf32_state(os.environ) == "off",
     ]
     facts = np.array(comm.all_gather(mx.array(mine, mx.float32)[None], axis=0)).tolist()
-    blas = _blas.loaded.describe() if _blas.loaded else "MLX's bundled BLAS"
     for row in rows:
         row.update(
             model=job.spec.model,
             world_size=job.world_size,
-            dtype=job.spec.dtype,
+            dtype=model.policy.name,
+            policy=model.policy.describe(),
+            device=mlx_device(),
             backend=job.backend if job.world_size > 1 else "none",
-            blas=blas,
+            blas=compute_description(),
+            tf32_per_rank=["off" if f[3] else "allowed" for f in facts],
             weights=list(job.spec.weights) if job.spec.weights else None,
             streamed_bytes_per_rank=[int(f[0]) for f in facts],
             gb_s_per_rank=[f[0] * row["decode_tok_s"] / 1e9 for f in facts],

@@ -36,11 +36,18 @@ def init_group(backend: str = "ring", world_size: int = 1) -> mx.distributed.Gro
 class Collectives:
     """Counted all-reduce / all-gather / broadcast over one group (or none: a single rank)."""
 
-    def __init__(self, group: mx.distributed.Group | None = None, profile: bool = False):
+    def __init__(
+        self,
+        group: mx.distributed.Group | None = None,
+        profile: bool = False,
+        reduce_dtype: mx.Dtype | None = None,
+    ):
         self.group = group
         self.rank = group.rank() if group is not None else 0
         self.size = group.size() if group is not None else 1
         self.profile = profile
+        # All-reduces in this dtype and back (e.g. float32 sums of bf16 partials); None: as is.
+        self.reduce_dtype = reduce_dtype
         self.counts: Counter[str] = Counter()
         self.seconds: defaultdict[str, float] = defaultdict(float)
         self.bytes: Counter[str] = Counter()
@@ -59,8 +66,14 @@ class Collectives:
         }
 
     def all_sum(self, x: mx.array) -> mx.array:
-        """Sum `x` over all ranks (the row-parallel all-reduce)."""
-        return self._run("all_reduce", x, lambda a: mx.distributed.all_sum(a, group=self.group))
+        """Sum `x` over all ranks (the row-parallel all-reduce), in `reduce_dtype` if set."""
+        wire = self.reduce_dtype
+        if wire is None or wire == x.dtype or self.size == 1:
+            return self._run("all_reduce", x, lambda a: mx.distributed.all_sum(a, group=self.group))
+        summed = self._run(
+            "all_reduce", x.astype(wire), lambda a: mx.distributed.all_sum(a, group=self.group)
+        )
+        return summed.astype(x.dtype)
 
     def all_gather(self, x: mx.array, axis: int = -1, sizes: Sequence[int] | None = None):
         """Concatenate every rank's `x` along `axis`.

@@ -316,7 +316,7 @@ class Registry:
             plan_weights=weights,
             model_name=cfg.model.name,
             model_path=cfg.model.path,
-            dtype=cfg.model.dtype,
+            dtype=cfg.model.dtype_request(),
             shard_dir=shard_dir,
             coordinator_url=self._coordinator_url,
             backend=cfg.parallelism.topology,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from shardcompute.collectives.group import Collectives
-from shardcompute.engine.sampling import SamplingParams, VocabParallelChooser
+from shardcompute.engine.params import SamplingParams
+from shardcompute.engine.sampling import VocabParallelChooser
 from shardcompute.model.llama import Model
 
 PREFILL_STEP = 512

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
-from shardcompute.engine.sampling import SamplingParams
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-JOB_VERSION = 1
+from shardcompute.dtypes import DtypeRequest
+from shardcompute.engine.params import SamplingParams
+
+JOB_VERSION = 2
+
+
+def dtype_request(value: Any) -> Any:
+    """A bare dtype name ("bfloat16") is a request for that dtype with default options."""
+    return {"dtype": value} if isinstance(value, str) else value
 
 
 class ModelSpec(BaseModel):
@@ -16,8 +24,13 @@ class ModelSpec(BaseModel):
 
     model: str | None = None  # short name, HF dir, .gguf path, or dummy:NAME
     shard_dir: str | None = None  # pre-made shards (then `model` is only for the tokenizer)
-    dtype: str = "auto"
+    dtype: DtypeRequest = DtypeRequest()
     weights: tuple[float, ...] | None = None
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _as_request(cls, value: Any) -> Any:
+        return dtype_request(value)
 
 
 class GenerateJob(BaseModel):

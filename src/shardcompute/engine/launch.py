@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +52,16 @@ def write_hostfile(path: Path, hosts: Sequence[str]) -> Path:
     return path
 
 
-def rank_env(world_size: int, rank: int | None = None, hostfile: Path | None = None) -> dict:
-    """Environment of a local rank: for the ring, its rank and the hostfile; under mpirun,
-    which sets the rank itself, neither. Every rank of the group runs on this host, which
-    sizes each one's BLAS threads (see `_blas`)."""
-    env = dict(os.environ)
+def rank_env(
+    world_size: int,
+    rank: int | None = None,
+    hostfile: Path | None = None,
+    base: Mapping[str, str] | None = None,
+) -> dict:
+    """Environment of a local rank (from `base`, default ours): for the ring, its rank and the
+    hostfile; under mpirun, which sets the rank itself, neither. Every rank of the group runs on
+    this host, which sizes each one's BLAS threads (see `_blas`)."""
+    env = dict(os.environ if base is None else base)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(MLX_WORLD_SIZE=str(world_size), SHARDCOMPUTE_LOCAL_RANKS=str(world_size))
     if rank is not None:
@@ -99,14 +104,16 @@ def launch_local(
     timeout: float | None = None,
     quiet_followers: bool = True,
     backend: str = "ring",
+    env: Mapping[str, str] | None = None,
 ) -> int:
     """Run `python argv...` as `world_size` ranks on 127.0.0.1; return rank 0's exit code.
 
     Rank 0's stdout goes to ours. Raises CollectiveError naming the rank that failed. The
-    program must form its group with the same `backend` (ring or mpi).
+    program must form its group with the same `backend` (ring or mpi). `env` is the ranks'
+    environment (default ours), e.g. with the dtype policy's TF32 switch (`dtypes.policy_env`).
     """
     if backend == "mpi":
-        return _launch_mpirun(argv, world_size, timeout)
+        return _launch_mpirun(argv, world_size, timeout, env)
     with tempfile.TemporaryDirectory(prefix="shardcompute-") as tmp:
         hostfile = write_hostfile(
             Path(tmp) / "hosts.json", [f"127.0.0.1:{p}" for p in free_ports(world_size)]
@@ -120,7 +127,7 @@ def launch_local(
                 procs.append(
                     subprocess.Popen(
                         [sys.executable, *argv],
-                        env=rank_env(world_size, rank, hostfile),
+                        env=rank_env(world_size, rank, hostfile, env),
                         stdout=out,
                         stderr=log,
                         start_new_session=True,
@@ -136,9 +143,11 @@ def launch_local(
     return 0
 
 
-def _launch_mpirun(argv: Sequence[str], world_size: int, timeout: float | None) -> int:
+def _launch_mpirun(
+    argv: Sequence[str], world_size: int, timeout: float | None, base: Mapping | None
+) -> int:
     """One mpirun runs every rank; it ends them all if one fails. Followers print nothing."""
-    env = rank_env(world_size)
+    env = rank_env(world_size, base=base)
     if os.geteuid() == 0:  # containers run as root; Open MPI refuses that unless told
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     with tempfile.TemporaryFile("w+") as log:

@@ -6,17 +6,25 @@ line; the other ranks run the same steps silently.
 
 from __future__ import annotations
 
+# isort: off
+import shardcompute.rank_setup  # noqa: F401  (first: a CPU rank sets up its BLAS before MLX)
+# isort: on
+
 import argparse
+import os
 import sys
 from pathlib import Path
 
+import mlx.core as mx
+
 from shardcompute.collectives.group import Collectives, init_group
+from shardcompute.dtypes import TF32_ENV, tf32_state
 from shardcompute.engine.generate import generate_step, stream_generate
 from shardcompute.engine.job import GenerateJob, ModelSpec
-from shardcompute.engine.sampling import SamplingParams
+from shardcompute.engine.params import SamplingParams
 from shardcompute.errors import ShardComputeError
 from shardcompute.model.llama import Model
-from shardcompute.model.loader import describe_dtype, load_model
+from shardcompute.model.loader import load_model
 
 
 def load_spec(spec: ModelSpec, comm: Collectives) -> Model:
@@ -70,9 +78,24 @@ def stop_ids(tokenizer, model: Model) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def tf32_report(comm: Collectives) -> list[str]:
+    """Every rank's TF32 state ("off" or "allowed"), as its own environment says."""
+    mine = mx.array([[float(tf32_state(os.environ) == "off")]])
+    return ["off" if flag else "allowed" for flag in comm.all_gather(mine, axis=0)[:, 0].tolist()]
+
+
+def tf32_line(states: list[str]) -> str:
+    """e.g. "TF32 off on 2 of 2 ranks (MLX_ENABLE_TF32=0)"."""
+    off = states.count("off")
+    if off == len(states):
+        return f"TF32 off on {off} of {len(states)} ranks ({TF32_ENV}=0)"
+    return f"TF32 allowed on {len(states) - off} of {len(states)} ranks"
+
+
 def run(job: GenerateJob) -> None:
     comm = Collectives(init_group(job.backend, job.world_size))
     model = load_spec(job.spec, comm)
+    tf32 = tf32_report(comm)
     request = None
     if comm.rank == 0:
         tokenizer = tokenizer_for(job.spec)
@@ -91,7 +114,7 @@ def run(job: GenerateJob) -> None:
     print(
         f"\n[prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
         f"decode: {last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
-        f"world size {comm.size} | dtype {describe_dtype(job.spec.dtype)}]",
+        f"world size {comm.size} | dtype {model.policy.describe()} | {tf32_line(tf32)}]",
         flush=True,
     )
 

@@ -1,4 +1,4 @@
-"""Sampling parameters and samplers: greedy, temperature, top-k, top-p, seeded."""
+"""Samplers: greedy, temperature, top-k, top-p, seeded, and the vocab-parallel chooser."""
 
 from __future__ import annotations
 
@@ -6,23 +6,10 @@ import os
 from collections.abc import Callable
 
 import mlx.core as mx
-from pydantic import BaseModel, ConfigDict, Field
+
+from shardcompute.engine.params import SamplingParams
 
 Sampler = Callable[[mx.array], mx.array]  # logits (B, vocab) -> token ids (B,)
-
-
-class SamplingParams(BaseModel):
-    """What to generate and how. Crosses process boundaries as JSON."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_tokens: int = Field(64, ge=0)
-    temperature: float = Field(0.0, ge=0.0)
-    top_k: int = Field(0, ge=0)  # 0: no top-k cut
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()  # stop strings, matched on the decoded text
 
 
 def make_sampler(params: SamplingParams) -> Sampler:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from shardcompute.parallel.rope import Rotation
+
 
 @dataclass
 class LayerKV:
@@ -31,11 +33,11 @@ class LayerKV:
 @dataclass
 class Positions:
     """Where the L tokens of a forward pass sit: their offset, the attention mask, and (filled
-    in by the model) the RoPE cos/sin of those positions."""
+    in by the model) the RoPE rotation of those positions."""
 
     offset: mx.array | int  # (1,) int32 with a cache, 0 without
     mask: mx.array | str | None  # (L, capacity) bool with a cache; "causal" or None without
-    rope: tuple[mx.array, mx.array] | None = None
+    rotate: Rotation | None = None
 
     @classmethod
     def uncached(cls, length: int) -> Positions:

@@ -1,6 +1,11 @@
-"""Read checkpoints (HF safetensors directory or GGUF file) into HF-named tensors.
+"""Open checkpoints (HF safetensors directory, GGUF file, or random `dummy:` weights) as
+HF-named tensors that are read when sliced.
 
-All name mapping happens here (`sanitize_*`), including GGUF's Q/K row permutation.
+All name mapping happens here (`sanitize_*`), including GGUF's Q/K row permutation. A HF
+directory's tensors are `LazyTensor`s: a rank reads only its own slices (model/tensor_io.py).
+Random weights are `DummyTensor`s, generated per slice (model/dummy.py). A GGUF file is read
+whole by MLX (its quantized blocks are converted to MLX's layout as a unit), then sliced: each
+rank holds the whole file in memory while it loads, which for a quantized file is its size.
 """
 
 from __future__ import annotations
@@ -8,13 +13,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
+from shardcompute.dtypes import QuantSpec, main_quant
 from shardcompute.errors import ModelFormatError
 from shardcompute.model.args import ModelArgs, dummy_args
+from shardcompute.model.dummy import dummy_tensors
 from shardcompute.model.gguf_file import load_gguf
-from shardcompute.parallel.linear import QuantSpec
+from shardcompute.model.tensor_io import open_safetensors
+
+Tensor = Any  # mx.array, LazyTensor or DummyTensor: has .shape, .dtype and slicing
 
 GGUF_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -34,10 +44,10 @@ GGUF_NAMES = {
 
 @dataclass
 class Checkpoint:
-    """A model's config and its full tensors under HF names (possibly lazy)."""
+    """A model's config and its full tensors under HF names (read when sliced)."""
 
     args: ModelArgs
-    tensors: dict[str, mx.array]
+    tensors: dict[str, Tensor]
     source: str
     quant: dict[str, QuantSpec] = field(default_factory=dict)
 
@@ -45,10 +55,9 @@ class Checkpoint:
         self.quant = quant_map(self.tensors, self.args, self.source)
 
     @property
-    def quant_group(self) -> int:
-        """The split unit that keeps every quantized tensor whole per group (1 if none)."""
-        groups = {q.group_size for q in self.quant.values()}
-        return max(groups) if groups else 1
+    def main_quant(self) -> QuantSpec | None:
+        """The quantization most of the quantized weights have (None for a float checkpoint)."""
+        return main_quant(self.quant)
 
 
 def in_features(prefix: str, args: ModelArgs) -> int:
@@ -60,7 +69,7 @@ def in_features(prefix: str, args: ModelArgs) -> int:
     return args.hidden_size
 
 
-def quant_map(tensors: dict[str, mx.array], args: ModelArgs, source: str) -> dict[str, QuantSpec]:
+def quant_map(tensors: dict[str, Tensor], args: ModelArgs, source: str) -> dict[str, QuantSpec]:
     """Module path -> QuantSpec for every quantized weight (one that has `.scales`)."""
     out = {}
     for name, scales in tensors.items():
@@ -124,7 +133,7 @@ def base_is(parts: list[str], base: str) -> bool:
     return parts[0] == "blk" and len(parts) > 2 and parts[2] == base
 
 
-def tie_lm_head(tensors: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+def tie_lm_head(tensors: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
     """With tied embeddings the LM head reads the embedding table (sliced by vocab rows)."""
     if args.tie_word_embeddings or "lm_head.weight" not in tensors:
         for name in [n for n in tensors if n.startswith("model.embed_tokens.")]:
@@ -141,12 +150,9 @@ def read_hf_dir(path: Path) -> Checkpoint:
     except json.JSONDecodeError as e:
         raise ModelFormatError(f"{config_file}: invalid JSON ({e})") from None
     args = ModelArgs.from_hf_config(config, str(config_file))
-    tensors: dict[str, mx.array] = {}
+    tensors: dict[str, Tensor] = {}
     for file in safetensors_files(path):
-        try:
-            tensors.update(mx.load(str(file)))
-        except Exception as e:
-            raise ModelFormatError(f"{file}: unreadable safetensors file ({e})") from None
+        tensors.update(open_safetensors(file))
     return Checkpoint(args, sanitize_hf(tensors, args), str(path))
 
 
@@ -164,54 +170,14 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def sanitize_hf(tensors: dict[str, mx.array], args: ModelArgs) -> dict[str, mx.array]:
+def sanitize_hf(tensors: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
     """Drop buffers HF sometimes saves; alias a tied LM head."""
     out = {k: v for k, v in tensors.items() if "rotary_emb.inv_freq" not in k}
     return tie_lm_head(out, args)
 
 
-def dummy_checkpoint(name: str, seed: int = 0) -> Checkpoint:
-    """A well-known config with random weights (scaled so activations stay sane)."""
+def dummy_checkpoint(name: str, dtype: mx.Dtype, seed: int = 0) -> Checkpoint:
+    """A well-known config with random weights in `dtype`, generated per slice."""
     args = dummy_args(name)
-    return Checkpoint(args, random_tensors(args, seed), f"dummy:{name}")
-
-
-def random_tensors(args: ModelArgs, seed: int = 0) -> dict[str, mx.array]:
-    """Random float32 tensors for every parameter of `args`, under HF names."""
-    key = mx.random.key(seed)
-    h, i, hd = args.hidden_size, args.intermediate_size, args.head_dim
-    q_out, kv_out = args.num_attention_heads * hd, args.num_key_value_heads * hd
-    shapes = {"model.embed_tokens.weight": (args.vocab_size, h), "model.norm.weight": (h,)}
-    if not args.tie_word_embeddings:
-        shapes["lm_head.weight"] = (args.vocab_size, h)
-    for n in range(args.num_hidden_layers):
-        p = f"model.layers.{n}"
-        shapes.update(
-            {
-                f"{p}.input_layernorm.weight": (h,),
-                f"{p}.post_attention_layernorm.weight": (h,),
-                f"{p}.self_attn.q_proj.weight": (q_out, h),
-                f"{p}.self_attn.k_proj.weight": (kv_out, h),
-                f"{p}.self_attn.v_proj.weight": (kv_out, h),
-                f"{p}.self_attn.o_proj.weight": (h, q_out),
-                f"{p}.mlp.gate_proj.weight": (i, h),
-                f"{p}.mlp.up_proj.weight": (i, h),
-                f"{p}.mlp.down_proj.weight": (h, i),
-            }
-        )
-        if args.attention_bias or args.qkv_bias:
-            shapes.update(
-                {
-                    f"{p}.self_attn.q_proj.bias": (q_out,),
-                    f"{p}.self_attn.k_proj.bias": (kv_out,),
-                    f"{p}.self_attn.v_proj.bias": (kv_out,),
-                }
-            )
-    keys = mx.random.split(key, len(shapes))
-    tensors = {}
-    for k, (name, shape) in zip(keys, sorted(shapes.items()), strict=True):
-        if name.endswith("norm.weight"):
-            tensors[name] = mx.ones(shape)
-        else:
-            tensors[name] = mx.random.normal(shape, key=k) * (shape[-1] ** -0.5)
-    return tie_lm_head(tensors, args)
+    tensors = tie_lm_head(dict(dummy_tensors(args, seed, dtype)), args)
+    return Checkpoint(args, tensors, f"dummy:{name}")

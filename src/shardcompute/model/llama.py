@@ -5,15 +5,16 @@ The TP plan, read top to bottom: embedding all-gathers along hidden; per layer, 
 LM head column-parallel over the vocabulary, then one all-gather.
 So a forward pass makes 2 * num_hidden_layers + 2 collectives.
 
+Every tensor is in the compute dtype `dtype` (see dtypes.py): activations, the KV cache, the
+RoPE tables, norm weights, quantization scales and biases, and so every collective payload.
+
 A one-token decode step runs as one `mx.compile`d graph: the KV buffers have a fixed capacity
 and the position is an array, so the trace is reused at every position (see model/cache.py).
-`SHARDCOMPUTE_COMPILE=0` runs it eagerly, op by op.
+Which kernels run (fused RoPE, compiled decode) is decided by device in parallel/kernels.py.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -21,27 +22,18 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
+from shardcompute.dtypes import QuantSpec
 from shardcompute.model.args import ModelArgs
 from shardcompute.model.cache import KVCache, LayerKV, Positions, flatten, unflatten
 from shardcompute.parallel.attention import ParallelAttention
 from shardcompute.parallel.embedding import HiddenParallelEmbedding
-from shardcompute.parallel.linear import QuantSpec, VocabParallelLMHead
+from shardcompute.parallel.kernels import Kernels
+from shardcompute.parallel.linear import VocabParallelLMHead
 from shardcompute.parallel.mlp import ParallelMLP
 from shardcompute.parallel.plan import PartitionPlan
 from shardcompute.parallel.rope import RoPE
 
 QuantMap = Mapping[str, QuantSpec]  # module path -> quantization, for quantized weights only
-
-
-def _compile_decode() -> bool:
-    """On the CPU, MLX builds a compiled graph's fused kernels with g++ at run time: without
-    it, decode runs op by op."""
-    if os.environ.get("SHARDCOMPUTE_COMPILE", "1") == "0":
-        return False
-    return mx.default_device() != mx.cpu or shutil.which("g++") is not None
-
-
-COMPILE_DECODE = _compile_decode()
 
 
 def collectives_per_forward(args: ModelArgs) -> int:
@@ -58,6 +50,7 @@ class TransformerBlock(nn.Module):
         comm: Collectives,
         quant: QuantMap,
         prefix: str,
+        dtype: mx.Dtype,
     ):
         super().__init__()
         slices = plan[rank]
@@ -66,21 +59,35 @@ class TransformerBlock(nn.Module):
             for n in ("q_proj", "k_proj", "v_proj", "o_proj")
         }
         mlp_q = {n: quant.get(f"{prefix}.mlp.{n}") for n in ("gate_proj", "up_proj", "down_proj")}
-        self.self_attn = ParallelAttention(args, slices, comm, attn_q)
-        self.mlp = ParallelMLP(args, slices, comm, mlp_q)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_attn = ParallelAttention(args, slices, comm, attn_q, dtype)
+        self.mlp = ParallelMLP(args, slices, comm, mlp_q, dtype)
+        self.input_layernorm = rms_norm(args, dtype)
+        self.post_attention_layernorm = rms_norm(args, dtype)
 
     def __call__(self, x: mx.array, kv: LayerKV | None, pos: Positions) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), kv, pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def rms_norm(args: ModelArgs, dtype: mx.Dtype) -> nn.RMSNorm:
+    """mx.fast.rms_norm (statistics in float32 inside the kernel), weight in the compute dtype."""
+    norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+    norm.weight = norm.weight.astype(dtype)
+    return norm
+
+
 class LlamaBody(nn.Module):
     """`model.*` in HF naming: embedding, blocks, final norm."""
 
     def __init__(
-        self, args: ModelArgs, plan: PartitionPlan, rank: int, comm: Collectives, quant: QuantMap
+        self,
+        args: ModelArgs,
+        plan: PartitionPlan,
+        rank: int,
+        comm: Collectives,
+        quant: QuantMap,
+        dtype: mx.Dtype,
+        kernels: Kernels,
     ):
         super().__init__()
         self.embed_tokens = HiddenParallelEmbedding(
@@ -89,19 +96,20 @@ class LlamaBody(nn.Module):
             plan.sizes("hidden"),
             comm,
             quant.get("model.embed_tokens"),
+            dtype,
         )
         self.layers = [
-            TransformerBlock(args, plan, rank, comm, quant, f"model.layers.{i}")
+            TransformerBlock(args, plan, rank, comm, quant, f"model.layers.{i}", dtype)
             for i in range(args.num_hidden_layers)
         ]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.rope = RoPE(args)
+        self.norm = rms_norm(args, dtype)
+        self.rope = RoPE(args, dtype, kernels.fused_rope)
 
     def __call__(
         self, ids: mx.array, kv: list[LayerKV] | None = None, pos: Positions | None = None
     ) -> mx.array:
         pos = pos or Positions.uncached(ids.shape[1])
-        pos = replace(pos, rope=self.rope.tables(pos.offset, ids.shape[1]))
+        pos = replace(pos, rotate=self.rope.rotation(pos.offset, ids.shape[1]))
         h = self.embed_tokens(ids)  # (B, L, hidden)
         for i, layer in enumerate(self.layers):
             h = layer(h, kv[i] if kv else None, pos)
@@ -115,18 +123,27 @@ class Model(nn.Module):
         self,
         args: ModelArgs,
         plan: PartitionPlan,
+        dtype: mx.Dtype,
         rank: int = 0,
         comm: Collectives | None = None,
         quant: QuantMap | None = None,
+        kernels: Kernels | None = None,
     ):
         super().__init__()
         comm = comm or Collectives()
         quant = quant or {}
         self.args, self.plan, self.rank, self.comm = args, plan, rank, comm
-        self.model = LlamaBody(args, plan, rank, comm, quant)
+        self.dtype = dtype
+        self.kernels = kernels or Kernels.for_device()
+        self.model = LlamaBody(args, plan, rank, comm, quant, dtype, self.kernels)
         self._decode = None  # the compiled decode step, traced on first use
         self.lm_head = VocabParallelLMHead(
-            args.hidden_size, plan[rank].vocab, plan.sizes("vocab"), comm, quant.get("lm_head")
+            args.hidden_size,
+            plan[rank].vocab,
+            plan.sizes("vocab"),
+            comm,
+            quant.get("lm_head"),
+            dtype,
         )
 
     def __call__(
@@ -154,7 +171,7 @@ class Model(nn.Module):
         A one-token step runs compiled, unless collectives are being profiled (the profiler
         evaluates inside the graph, which a compiled function cannot do).
         """
-        if ids.shape[1] == 1 and COMPILE_DECODE and not self.comm.profile:
+        if ids.shape[1] == 1 and self.kernels.compiled_decode and not self.comm.profile:
             return self.decode_hidden(ids, cache)
         return self.hidden(ids, cache)[:, -1:]
 
@@ -194,5 +211,5 @@ class Model(nn.Module):
             self.args.num_hidden_layers,
             attn.local_num_kv_heads,
             attn.head_dim,
-            self.model.norm.weight.dtype,
+            self.dtype,
         )

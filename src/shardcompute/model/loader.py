@@ -1,4 +1,5 @@
-"""Build one rank's model: plan, slice (or read a pre-made shard), convert dtype, load."""
+"""Build one rank's model: resolve the dtype policy, plan, read only this rank's slices (or
+its pre-made shard), convert them module by module, load."""
 
 from __future__ import annotations
 
@@ -6,46 +7,39 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from shardcompute.collectives.group import Collectives
+from shardcompute.dtypes import DtypePolicy, DtypeRequest, main_quant, mx_dtype, resolve
 from shardcompute.model.checkpoint import Checkpoint, dummy_checkpoint, read_checkpoint
 from shardcompute.model.llama import Model
 from shardcompute.model.sharder import (
-    DEFAULT_QUANT,
-    convert_dtype,
-    parallel_module_paths,
+    quant_targets,
+    rank_state,
     read_shard,
-    shard_state,
+    split_unit,
     write_manifest,
     write_shard,
 )
 from shardcompute.parallel.plan import make_plan
+from shardcompute.runtime import mlx_device
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "quantized")
-
-
-def resolve_dtype(dtype: str) -> str:
-    """`auto`: float32 on the CPU (MLX's CPU quantized matmul is ~50x slower), else quantized."""
-    if dtype != "auto":
-        return dtype
-    return "float32" if mx.default_device() == mx.cpu else "quantized"
+DtypeLike = DtypePolicy | DtypeRequest | str
+# Random weights' own dtype, when shards keep tensors as stored; and the dtype of layouts that
+# are never evaluated (only their parameter names and shapes are read).
+NATIVE_DUMMY_DTYPE = mx.float32
 
 
-def describe_dtype(dtype: str) -> str:
-    """What `dtype` runs as, with the reason when `auto` chose it (for logs and status lines)."""
-    chosen = resolve_dtype(dtype)
-    if dtype != "auto":
-        return chosen
-    if chosen == "float32":
-        return "float32 (auto: on the CPU, MLX's quantized and bf16 matmul have no fast path)"
-    return f"{chosen} (auto: on a GPU, quantized weights stream the fewest bytes)"
+def as_policy(dtype: DtypeLike) -> DtypePolicy:
+    """The policy for this process's device (a name like "bfloat16" is a request)."""
+    return dtype if isinstance(dtype, DtypePolicy) else resolve(dtype, mlx_device())
 
 
-def open_checkpoint(model: str | Path) -> Checkpoint:
-    """A path, a cached short name, or `dummy:NAME` for random weights with a real config."""
+def open_checkpoint(model: str | Path, dtype: mx.Dtype) -> Checkpoint:
+    """A path, a cached short name, or `dummy:NAME` for random weights (made in `dtype`)."""
     text = str(model)
     if text.startswith("dummy:"):
-        return dummy_checkpoint(text.split(":", 1)[1])
+        return dummy_checkpoint(text.split(":", 1)[1], dtype)
     if Path(text).exists():
         return read_checkpoint(text)
     from shardcompute.model.download import resolve_model
@@ -53,16 +47,9 @@ def open_checkpoint(model: str | Path) -> Checkpoint:
     return read_checkpoint(resolve_model(text))
 
 
-def split_unit(ckpt: Checkpoint, dtype: str) -> int:
-    """Split dimensions in multiples of the quantization group when weights are quantized."""
-    if ckpt.quant:
-        return ckpt.quant_group
-    return DEFAULT_QUANT.group_size if dtype == "quantized" else 1
-
-
 def load_model(
     model: str | Path | None = None,
-    dtype: str = "auto",
+    dtype: DtypeLike = "auto",
     comm: Collectives | None = None,
     weights: Sequence[float] | None = None,
     shard_dir: str | Path | None = None,
@@ -76,24 +63,27 @@ def load_model(
     parameters keep the checkpoint's names.
     """
     comm = comm or Collectives()
-    dtype = resolve_dtype(dtype)
+    policy = as_policy(dtype)
+    compute = mx_dtype(policy.compute)
+    comm.reduce_dtype = mx_dtype(policy.reduce) if policy.reduce else None
     if shard_dir is not None:
-        args, plan, quant, state = read_shard(Path(shard_dir), comm.rank, comm.size)
-        source = Model(args, plan, comm.rank, comm, quant)
+        args, plan, quant, tensors = read_shard(Path(shard_dir), comm.rank, comm.size, policy)
+        main = main_quant(quant)
     else:
-        ckpt = checkpoint or open_checkpoint(model)
-        args, quant = ckpt.args, ckpt.quant
-        plan = make_plan(args, comm.size, weights, split_unit(ckpt, dtype))
-        source = Model(args, plan, comm.rank, comm, quant)
-        state = shard_state(source, ckpt.tensors)
-    quantizable = parallel_module_paths(source)
-    state, quant = convert_dtype(state, quant, dtype, quantizable)
-    out = Model(args, plan, comm.rank, comm, quant)
-    out.load_weights(list(state.items()), strict=True)
-    del state
+        ckpt = checkpoint or open_checkpoint(model, compute)
+        args, quant, tensors, main = ckpt.args, ckpt.quant, ckpt.tensors, ckpt.main_quant
+        plan = make_plan(args, comm.size, weights, split_unit(quant, policy.target_quant(main)))
+    source = Model(args, plan, compute, comm.rank, comm, quant)
+    targets = quant_targets(source, policy.target_quant(main))
+    state = list(rank_state(source, tensors, targets, compute, sliced=shard_dir is None))
+    out = Model(args, plan, compute, comm.rank, comm, targets)
+    out.load_weights(state, strict=True)
+    del state, tensors
     if fuse:
         out.fuse_projections()
     mx.eval(out.parameters())
+    mx.clear_cache()  # what conversion left in MLX's buffer cache is not this rank's to keep
+    out.policy = policy
     return out
 
 
@@ -102,19 +92,41 @@ def shard_checkpoint(
     world_size: int,
     out_dir: str | Path,
     weights: Sequence[float] | None = None,
+    dtype: DtypeRequest | str | None = None,
     on_rank: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write one safetensors file per rank (tensors as stored: quantized stays quantized)
-    and a manifest with the plan and each file's sha256. Returns the manifest path."""
-    ckpt = open_checkpoint(model)
+    """Write one safetensors file per rank, tensor by tensor, and a manifest with the plan,
+    quantization, compute dtype and each file's sha256. Returns the manifest path.
+
+    `dtype` None keeps tensors as stored (quantized stays quantized); a float dtype casts them;
+    `quantized` quantizes float weights (bits and group size from the request).
+    """
+    policy = None if dtype is None else resolve(dtype, mlx_device())
+    compute = mx_dtype(policy.compute) if policy else None
+    ckpt = open_checkpoint(model, compute or NATIVE_DUMMY_DTYPE)
+    target = policy.target_quant(ckpt.main_quant) if policy else ckpt.main_quant
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = make_plan(ckpt.args, world_size, weights, split_unit(ckpt, "native"))
-    files = []
+    plan = make_plan(ckpt.args, world_size, weights, split_unit(ckpt.quant, target))
+    files, targets = [], ckpt.quant
     for rank in range(world_size):
-        state = shard_state(Model(ckpt.args, plan, rank, Collectives(), ckpt.quant), ckpt.tensors)
-        files.append(write_shard(out_dir, rank, state))
-        del state
+        source = Model(ckpt.args, plan, NATIVE_DUMMY_DTYPE, rank, Collectives(), ckpt.quant)
+        targets = quant_targets(source, target) if policy else ckpt.quant  # native: as stored
+        names = _names(ckpt, plan, rank, targets)
+        items = rank_state(source, ckpt.tensors, targets, compute)
+        files.append(write_shard(out_dir, rank, names, items))
         if on_rank:
             on_rank(rank)
-    return write_manifest(out_dir, str(model), ckpt.args, plan, ckpt.quant, files)
+    stored = policy.compute if policy else _stored_dtype(ckpt)
+    return write_manifest(out_dir, str(model), ckpt.args, plan, targets, stored, files)
+
+
+def _names(ckpt: Checkpoint, plan, rank: int, targets) -> list[str]:
+    layout = Model(ckpt.args, plan, NATIVE_DUMMY_DTYPE, rank, Collectives(), targets)
+    return [name for name, _ in tree_flatten(layout.parameters())]
+
+
+def _stored_dtype(ckpt: Checkpoint) -> str:
+    """The float dtype a native shard keeps (norm weights are never quantized)."""
+    dtype = ckpt.tensors["model.norm.weight"].dtype
+    return {mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, "float32")

@@ -6,16 +6,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
+from shardcompute.dtypes import QuantSpec
 from shardcompute.model.args import ModelArgs
 from shardcompute.model.cache import LayerKV, Positions
-from shardcompute.parallel.linear import (
-    ColumnParallelLinear,
-    QuantSpec,
-    RowParallelLinear,
-    fuse_columns,
-)
+from shardcompute.parallel.linear import ColumnParallelLinear, RowParallelLinear, fuse_columns
 from shardcompute.parallel.plan import RankSlices
-from shardcompute.parallel.rope import rotate
 
 
 class ParallelAttention(nn.Module):
@@ -27,6 +22,7 @@ class ParallelAttention(nn.Module):
         slices: RankSlices,
         comm: Collectives,
         quant: dict[str, QuantSpec | None],
+        dtype: mx.Dtype,
     ):
         super().__init__()
         hd = args.head_dim
@@ -37,11 +33,12 @@ class ParallelAttention(nn.Module):
         q_cols = (slices.heads[0] * hd, slices.heads[1] * hd)
         kv_cols = (slices.kv_heads[0] * hd, slices.kv_heads[1] * hd)
         qkv_bias = args.attention_bias or args.qkv_bias
-        self.q_proj = ColumnParallelLinear(args.hidden_size, q_cols, qkv_bias, quant["q_proj"])
-        self.k_proj = ColumnParallelLinear(args.hidden_size, kv_cols, qkv_bias, quant["k_proj"])
-        self.v_proj = ColumnParallelLinear(args.hidden_size, kv_cols, qkv_bias, quant["v_proj"])
+        h = args.hidden_size
+        self.q_proj = ColumnParallelLinear(h, q_cols, qkv_bias, quant["q_proj"], dtype)
+        self.k_proj = ColumnParallelLinear(h, kv_cols, qkv_bias, quant["k_proj"], dtype)
+        self.v_proj = ColumnParallelLinear(h, kv_cols, qkv_bias, quant["v_proj"], dtype)
         self.o_proj = RowParallelLinear(
-            q_cols, args.hidden_size, comm, args.attention_bias, quant["o_proj"]
+            q_cols, h, comm, args.attention_bias, quant["o_proj"], dtype
         )
 
     def fuse(self) -> None:
@@ -58,8 +55,8 @@ class ParallelAttention(nn.Module):
 
     def __call__(self, x: mx.array, kv: LayerKV | None, pos: Positions) -> mx.array:
         q, k, v = self._project(x)
-        q = rotate(split_heads(q, self.local_num_heads), *pos.rope)  # (B, heads, L, head_dim)
-        k = rotate(split_heads(k, self.local_num_kv_heads), *pos.rope)
+        q = pos.rotate(split_heads(q, self.local_num_heads))  # (B, heads, L, head_dim)
+        k = pos.rotate(split_heads(k, self.local_num_kv_heads))
         v = split_heads(v, self.local_num_kv_heads)
         if kv is not None:
             k, v = kv.write(k, v, pos.offset)  # (B, local_kv_heads, capacity, head_dim)

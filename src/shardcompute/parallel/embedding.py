@@ -7,7 +7,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
-from shardcompute.parallel.linear import QuantSpec
+from shardcompute.dtypes import QuantSpec
+from shardcompute.parallel.linear import weight_placeholders
 from shardcompute.parallel.plan import Range
 
 
@@ -20,7 +21,8 @@ class HiddenParallelEmbedding(nn.Module):
         hidden_range: Range,
         hidden_sizes: list[int],
         comm: Collectives,
-        quant: QuantSpec | None = None,
+        quant: QuantSpec | None,
+        dtype: mx.Dtype,
     ):
         super().__init__()
         local = hidden_range[1] - hidden_range[0]
@@ -28,12 +30,8 @@ class HiddenParallelEmbedding(nn.Module):
         self.hidden_sizes = hidden_sizes
         self.comm = comm
         self.quant = quant
-        if quant is None:
-            self.weight = mx.zeros((vocab_size, local))
-        else:
-            self.weight = mx.zeros((vocab_size, quant.packed_cols(local)), dtype=mx.uint32)
-            self.scales = mx.zeros((vocab_size, local // quant.group_size))
-            self.biases = mx.zeros((vocab_size, local // quant.group_size))
+        for name, placeholder in weight_placeholders(vocab_size, local, quant, dtype).items():
+            setattr(self, name, placeholder)
 
     def shard(self, full: dict[str, mx.array]) -> dict[str, mx.array]:
         """This rank's columns; packed and per-group tensors cut at group boundaries."""
@@ -48,6 +46,8 @@ class HiddenParallelEmbedding(nn.Module):
         }
 
     def __call__(self, ids: mx.array) -> mx.array:
+        """ids (B, L) -> (B, L, hidden) in the compute dtype (a quantized table dequantizes
+        to its scales' dtype)."""
         if self.quant is None:
             local = self.weight[ids]  # (B, L, local_hidden)
         else:

@@ -7,55 +7,26 @@ quantized weights scales and biases (packed uint32 weight, one scale/bias per gr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
+from shardcompute.dtypes import QuantSpec
 from shardcompute.parallel.plan import Range
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """MLX affine quantization of one weight: `group_size` columns share a scale and bias."""
-
-    group_size: int
-    bits: int
-
-    @classmethod
-    def infer(cls, weight: mx.array, scales: mx.array, in_features: int) -> QuantSpec:
-        """Read the spec off packed shapes: weight (out, in*bits/32), scales (out, in/group).
-
-        `in_features` is needed: the shapes alone cannot tell 4-bit/group-32 from 2-bit/group-64.
-        """
-        packed, groups = weight.shape[-1], scales.shape[-1]
-        bits, group = packed * 32 // in_features, in_features // max(groups, 1)
-        if packed * 32 != bits * in_features or group * groups != in_features:
-            raise ValueError(
-                f"quantized shapes {tuple(weight.shape)}/{tuple(scales.shape)} do not fit "
-                f"{in_features} input features"
-            )
-        return cls(group, bits)
-
-    def packed_cols(self, cols: int) -> int:
-        return cols * self.bits // 32
 
 
 class ShardedLinear(nn.Module):
     """Shared parts of the column- and row-parallel layers: parameters and the local matmul."""
 
-    def __init__(self, local_out: int, local_in: int, bias: int, quant: QuantSpec | None):
+    def __init__(
+        self, local_out: int, local_in: int, bias: int, quant: QuantSpec | None, dtype: mx.Dtype
+    ):
         super().__init__()
         self.quant = quant
-        if quant is None:
-            self.weight = mx.zeros((local_out, local_in))
-        else:
-            self.weight = mx.zeros((local_out, quant.packed_cols(local_in)), dtype=mx.uint32)
-            self.scales = mx.zeros((local_out, local_in // quant.group_size))
-            self.biases = mx.zeros((local_out, local_in // quant.group_size))
+        for name, placeholder in weight_placeholders(local_out, local_in, quant, dtype).items():
+            setattr(self, name, placeholder)
         if bias:
-            self.bias = mx.zeros((bias,))
+            self.bias = mx.zeros((bias,), dtype)
 
     def _matmul(self, x: mx.array) -> mx.array:
         if self.quant is None:
@@ -66,14 +37,34 @@ class ShardedLinear(nn.Module):
         )
 
 
+def weight_placeholders(
+    rows: int, cols: int, quant: QuantSpec | None, dtype: mx.Dtype
+) -> dict[str, mx.array]:
+    """Unevaluated stand-ins with the shapes and dtypes of a (rows, cols) weight, float or
+    packed with its per-group scales and biases; loading replaces them."""
+    if quant is None:
+        return {"weight": mx.zeros((rows, cols), dtype)}
+    groups = cols // quant.group_size
+    return {
+        "weight": mx.zeros((rows, quant.packed_cols(cols)), mx.uint32),
+        "scales": mx.zeros((rows, groups), dtype),
+        "biases": mx.zeros((rows, groups), dtype),
+    }
+
+
 class ColumnParallelLinear(ShardedLinear):
     """y[:, out_range] = x @ W[out_range].T + b[out_range]. Never communicates."""
 
     def __init__(
-        self, in_features: int, out_range: Range, bias: bool = False, quant: QuantSpec | None = None
+        self,
+        in_features: int,
+        out_range: Range,
+        bias: bool,
+        quant: QuantSpec | None,
+        dtype: mx.Dtype,
     ):
         local_out = out_range[1] - out_range[0]
-        super().__init__(local_out, in_features, local_out if bias else 0, quant)
+        super().__init__(local_out, in_features, local_out if bias else 0, quant, dtype)
         self.out_range = out_range
 
     def shard(self, full: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -97,7 +88,8 @@ class ColumnParallelLinear(ShardedLinear):
         packed = first.weight.shape[-1]
         in_features = packed * 32 // first.quant.bits if first.quant else packed
         local_out = sum(p.out_range[1] - p.out_range[0] for p in parts)
-        out = cls(in_features, (0, local_out), "bias" in first, first.quant)
+        dtype = first.scales.dtype if first.quant else first.weight.dtype
+        out = cls(in_features, (0, local_out), "bias" in first, first.quant, dtype)
         out.update({k: mx.concatenate([p[k] for p in parts]) for k in names})
         return out
 
@@ -124,11 +116,12 @@ class RowParallelLinear(ShardedLinear):
         in_range: Range,
         out_features: int,
         comm: Collectives,
-        bias: bool = False,
-        quant: QuantSpec | None = None,
+        bias: bool,
+        quant: QuantSpec | None,
+        dtype: mx.Dtype,
     ):
         local_in = in_range[1] - in_range[0]
-        super().__init__(out_features, local_in, out_features if bias else 0, quant)
+        super().__init__(out_features, local_in, out_features if bias else 0, quant, dtype)
         self.in_range = in_range
         self.comm = comm
 
@@ -138,7 +131,7 @@ class RowParallelLinear(ShardedLinear):
         out = {}
         for name, t in full.items():
             if name == "bias":
-                out[name] = t
+                out[name] = t[:]
             elif name == "weight" and self.quant is not None:
                 out[name] = t[:, self.quant.packed_cols(s) : self.quant.packed_cols(e)]
             elif name in ("scales", "biases"):
@@ -162,9 +155,10 @@ class VocabParallelLMHead(ColumnParallelLinear):
         vocab_range: Range,
         vocab_sizes: list[int],
         comm: Collectives,
-        quant: QuantSpec | None = None,
+        quant: QuantSpec | None,
+        dtype: mx.Dtype,
     ):
-        super().__init__(in_features, vocab_range, bias=False, quant=quant)
+        super().__init__(in_features, vocab_range, bias=False, quant=quant, dtype=dtype)
         self.vocab_sizes = vocab_sizes
         self.comm = comm
 

@@ -6,13 +6,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
+from shardcompute.dtypes import QuantSpec
 from shardcompute.model.args import ModelArgs
-from shardcompute.parallel.linear import (
-    ColumnParallelLinear,
-    QuantSpec,
-    RowParallelLinear,
-    fuse_columns,
-)
+from shardcompute.parallel.linear import ColumnParallelLinear, RowParallelLinear, fuse_columns
 from shardcompute.parallel.plan import RankSlices
 
 
@@ -25,12 +21,13 @@ class ParallelMLP(nn.Module):
         slices: RankSlices,
         comm: Collectives,
         quant: dict[str, QuantSpec | None],
+        dtype: mx.Dtype,
     ):
         super().__init__()
-        units, bias = slices.intermediate, args.mlp_bias
-        self.gate_proj = ColumnParallelLinear(args.hidden_size, units, bias, quant["gate_proj"])
-        self.up_proj = ColumnParallelLinear(args.hidden_size, units, bias, quant["up_proj"])
-        self.down_proj = RowParallelLinear(units, args.hidden_size, comm, bias, quant["down_proj"])
+        units, bias, h = slices.intermediate, args.mlp_bias, args.hidden_size
+        self.gate_proj = ColumnParallelLinear(h, units, bias, quant["gate_proj"], dtype)
+        self.up_proj = ColumnParallelLinear(h, units, bias, quant["up_proj"], dtype)
+        self.down_proj = RowParallelLinear(units, h, comm, bias, quant["down_proj"], dtype)
 
     def fuse(self) -> None:
         """Replace gate and up by one layer with their rows stacked (2 matmuls become 1)."""

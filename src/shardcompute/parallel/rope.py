@@ -1,18 +1,25 @@
 """Rotary position embedding in the HF (half-split) layout, with llama3 and linear scaling.
 
-Not `mx.fast.rope`: on the CPU that falls back to ~15 ops per call that recompute the angles,
-twice per layer. Here the angles' cos/sin are computed once per forward pass.
+Two implementations of the same rotation, chosen by device (`parallel/kernels.py`):
+- fused: `mx.fast.rope` with the checkpoint's frequencies, one kernel per call (GPUs);
+- tables: the angles' cos/sin computed once per forward pass and shared by every layer. On the
+  CPU `mx.fast.rope` falls back to ~15 ops per call that recompute the angles, twice per layer.
+Either way the rotated q/k, and the tables, are in the compute dtype: a float32 table would
+promote a bf16 model's whole residual stream to float32.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from shardcompute.errors import ModelFormatError
 from shardcompute.model.args import ModelArgs
+
+Rotation = Callable[[mx.array], mx.array]  # (B, heads, L, head_dim) -> the same, rotated
 
 
 def _llama3_inv_freq(inv_freq: mx.array, cfg: dict) -> mx.array:
@@ -28,31 +35,44 @@ def _llama3_inv_freq(inv_freq: mx.array, cfg: dict) -> mx.array:
     return mx.where(medium, smoothed, scaled)
 
 
+def inverse_frequencies(args: ModelArgs) -> mx.array:
+    """The checkpoint's rotary frequencies (base and scaling), (head_dim / 2,) float32: angles
+    are positions times these, and need float32's precision at long context."""
+    dims = args.head_dim
+    cfg = args.rope_scaling or {}
+    kind = cfg.get("rope_type", cfg.get("type", "default"))
+    exponents = mx.arange(0, dims, 2, dtype=mx.float32) / dims
+    inv_freq = 1.0 / args.rope_theta**exponents
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, cfg)
+    if kind == "linear":
+        return inv_freq / cfg["factor"]  # positions slowed by the factor
+    if kind != "default":
+        raise ModelFormatError(f"rope_scaling type {kind!r} is not supported")
+    return inv_freq
+
+
 class RoPE(nn.Module):
-    """The checkpoint's rotary frequencies (base and scaling); `tables` gives the cos/sin of one
-    forward pass's positions, computed once and shared by every layer's `rotate`."""
+    """`rotation(offset, length)` gives the rotation of one forward pass's positions, shared by
+    every layer's q and k."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, dtype: mx.Dtype, fused: bool):
         super().__init__()
-        self.dims = args.head_dim
-        cfg = args.rope_scaling or {}
-        kind = cfg.get("rope_type", cfg.get("type", "default"))
-        inv_freq = 1.0 / args.rope_theta ** (
-            mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims
-        )
-        if kind == "llama3":
-            inv_freq = _llama3_inv_freq(inv_freq, cfg)
-        elif kind == "linear":
-            inv_freq = inv_freq / cfg["factor"]  # positions slowed by the factor
-        elif kind != "default":
-            raise ModelFormatError(f"rope_scaling type {kind!r} is not supported")
-        self._inv_freq = inv_freq
+        self.dims, self.dtype, self.fused = args.head_dim, dtype, fused
+        self._inv_freq = inverse_frequencies(args)
+        self._freqs = 1.0 / self._inv_freq  # mx.fast.rope's `freqs`: periods, not rates
 
-    def tables(self, offset: mx.array | int, length: int) -> tuple[mx.array, mx.array]:
-        """cos and sin of positions offset .. offset + length - 1, each (length, head_dim / 2)."""
+    def rotation(self, offset: mx.array | int, length: int) -> Rotation:
+        """Rotate by positions offset .. offset + length - 1 (offset: an int or a (1,) array)."""
+        if self.fused:
+            return lambda x: mx.fast.rope(
+                x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
+                freqs=self._freqs,
+            )  # fmt: skip
         positions = offset + mx.arange(length, dtype=mx.float32)
-        angles = positions[:, None] * self._inv_freq[None]
-        return mx.cos(angles), mx.sin(angles)
+        angles = positions[:, None] * self._inv_freq[None]  # (length, head_dim / 2)
+        cos, sin = mx.cos(angles).astype(self.dtype), mx.sin(angles).astype(self.dtype)
+        return lambda x: rotate(x, cos, sin)
 
 
 def rotate(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:

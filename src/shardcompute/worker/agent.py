@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import httpx
 
 from shardcompute.config import load_config, resolve_cluster_token
+from shardcompute.dtypes import policy_env, resolve
 from shardcompute.errors import ShardComputeError
 from shardcompute.protocol import (
     CLUSTER_TOKEN_ENV,
@@ -41,6 +42,7 @@ from shardcompute.protocol import (
     RegisterResponse,
     decode,
 )
+from shardcompute.runtime import detect_device
 
 log = logging.getLogger("shardcompute.worker")
 
@@ -136,6 +138,8 @@ class EngineProcess:
         hostfile.write_text(json.dumps([[entry] for entry in assignment.hostfile]))
         env = {**self._env, "MLX_RANK": str(assignment.rank), "MLX_HOSTFILE": str(hostfile)}
         env["SHARDCOMPUTE_LOCAL_RANKS"] = str(local_ranks(assignment))
+        # The dtype policy's switches, set before the engine loads MLX (TF32 off for float32).
+        env = policy_env(resolve(assignment.dtype, detect_device()), env)
         cmd = [*self._command, "--assignment", str(path)]
         log.info(
             "starting engine rank %d of generation %d: %s",

@@ -15,6 +15,10 @@ progress (a lost peer can leave MLX's ring waiting forever).
 
 from __future__ import annotations
 
+# isort: off
+import shardcompute.rank_setup  # noqa: F401  (first: a CPU rank sets up its BLAS before MLX)
+# isort: on
+
 import argparse
 import logging
 import os
@@ -32,10 +36,9 @@ import mlx.core as mx
 from shardcompute.collectives.group import Collectives, init_group
 from shardcompute.engine.generate import GenerationResponse, generate_step, stream_generate
 from shardcompute.engine.job import ModelSpec
+from shardcompute.engine.params import SamplingParams
 from shardcompute.engine.rank_main import encode_prompt, load_spec, stop_ids, tokenizer_for
-from shardcompute.engine.sampling import SamplingParams
 from shardcompute.model.llama import Model
-from shardcompute.model.loader import describe_dtype
 from shardcompute.protocol import (
     CLUSTER_TOKEN_ENV,
     Assignment,
@@ -446,7 +449,7 @@ def run(a: Assignment, token: str) -> None:
         comm.rank,
         comm.size,
         spec.model,
-        describe_dtype(spec.dtype),
+        model.policy.describe(),
     )
     serve(ctx, lambda: stop[0])
     log.info("rank %d exiting", comm.rank)

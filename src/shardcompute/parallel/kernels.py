@@ -1,0 +1,32 @@
+"""Which implementation each op uses, decided in one place by device.
+
+- RoPE: `mx.fast.rope` (one fused kernel) on a GPU; on the CPU it falls back to ~15 ops per
+  call, so cos/sin tables computed once per forward pass were measured faster there.
+- RMSNorm and attention use `mx.fast.rms_norm` and `mx.fast.scaled_dot_product_attention` on
+  every device (on the CPU, attention written out by hand measured no faster).
+- The one-token decode step runs as one `mx.compile`d graph. On the CPU, MLX builds a compiled
+  graph's fused kernels with g++ at run time: without it, decode runs op by op.
+  `SHARDCOMPUTE_COMPILE=0` runs it op by op anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class Kernels:
+    fused_rope: bool
+    compiled_decode: bool
+
+    @classmethod
+    def for_device(cls, device: mx.Device | None = None) -> Kernels:
+        on_cpu = (device or mx.default_device()) == mx.cpu
+        compiled = os.environ.get("SHARDCOMPUTE_COMPILE", "1") != "0" and (
+            not on_cpu or shutil.which("g++") is not None
+        )
+        return cls(fused_rope=not on_cpu, compiled_decode=compiled)

@@ -1,0 +1,74 @@
+"""How a process that computes is set up, decided before MLX loads. No MLX import here.
+
+`import shardcompute` does nothing; a rank process (generate, bench, the worker agent's
+engines, tests) calls `prepare_process()` before anything imports mlx.core. On the CPU that
+loads the fast BLAS (`_blas`: compiles the small sgemv router once, loads OpenBLAS into the
+global symbol table); on a GPU, and in the control plane (coordinator, agent, client), nothing
+of the kind happens.
+
+The device is told without importing MLX: `SHARDCOMPUTE_DEVICE=cpu|gpu` if set, else Apple
+silicon (Metal) or an installed CUDA build of MLX with an NVIDIA driver present means "gpu".
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+from shardcompute.dtypes import Device
+
+DEVICE_ENV = "SHARDCOMPUTE_DEVICE"
+
+
+def detect_device() -> Device:
+    """ "gpu" where MLX will compute on a GPU, else "cpu" (see the module docstring)."""
+    forced = os.environ.get(DEVICE_ENV, "").lower()
+    if forced in ("cpu", "gpu"):
+        return forced  # type: ignore[return-value]
+    if sys.platform == "darwin":
+        return "gpu" if platform.machine() == "arm64" else "cpu"
+    return "gpu" if _mlx_cuda_installed() and _nvidia_driver_present() else "cpu"
+
+
+def _mlx_cuda_installed() -> bool:
+    names = (d.metadata.get("Name", "") for d in importlib.metadata.distributions())
+    return any(n.lower().replace("_", "-").startswith("mlx-cuda") for n in names)
+
+
+def _nvidia_driver_present() -> bool:
+    paths = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0")
+    return any(Path(p).exists() for p in paths) or shutil.which("nvidia-smi") is not None
+
+
+def prepare_process(device: Device | None = None):
+    """Set up a process that computes, before mlx.core is imported: on the CPU, the fast BLAS
+    (returns what `_blas.preload_blas` set up); elsewhere nothing (returns None)."""
+    if (device or detect_device()) != "cpu":
+        return None
+    from shardcompute._blas import preload_blas
+
+    return preload_blas()
+
+
+def mlx_device() -> Device:
+    """The device MLX computes on in this process (imports MLX)."""
+    import mlx.core as mx
+
+    return "cpu" if mx.default_device() == mx.cpu else "gpu"
+
+
+def compute_description() -> str:
+    """What does the matmuls here, for benchmark tables: the BLAS on the CPU, else the GPU
+    (MLX's own kernels; no BLAS is involved). Imports MLX."""
+    import mlx.core as mx
+
+    from shardcompute import _blas
+
+    if mlx_device() == "cpu":
+        return _blas.loaded.describe() if _blas.loaded else "MLX's bundled BLAS"
+    name = mx.device_info().get("device_name", "GPU")
+    return f"GPU {name} (MLX kernels, no BLAS)"
