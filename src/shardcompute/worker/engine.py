@@ -34,8 +34,8 @@ from shardcompute.engine.generate import GenerationResponse, generate_step, stre
 from shardcompute.engine.job import ModelSpec
 from shardcompute.engine.rank_main import encode_prompt, load_spec, stop_ids, tokenizer_for
 from shardcompute.engine.sampling import SamplingParams
-from shardcompute.model.llama import Model
-from shardcompute.model.loader import describe_dtype
+from shardcompute.model.llama import Model, collectives_per_forward
+from shardcompute.model.loader import describe_dtype, resolve_dtype
 from shardcompute.protocol import (
     CLUSTER_TOKEN_ENV,
     Assignment,
@@ -435,6 +435,9 @@ def run(a: Assignment, token: str) -> None:
         rank=a.rank,
         load_seconds=time.perf_counter() - start,
         metrics=ctx.metrics(),
+        plan=model.plan.to_dict(),  # for the dashboard
+        collectives_per_token=collectives_per_forward(model.args),
+        dtype=resolve_dtype(spec.dtype),
     )
     try:
         queue.post(f"/workers/{a.worker_id}/loaded", loaded)
