@@ -4,6 +4,7 @@ never a skip, when it cannot run."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,13 @@ class Tab:
 
     def close(self) -> None:
         self.context.close()
+
+
+@contextmanager
+def open_tab(browser, url: str) -> Iterator[Tab]:
+    """A Tab on `url`, closed when the block ends."""
+    tab = Tab(browser, url)
+    try:
+        yield tab
+    finally:
+        tab.close()

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from browser import Tab, chromium
+from browser import Tab, chromium, open_tab
 from local_cluster import API_KEY, REAL_MODEL, LocalCluster, start_cluster
 
 from processes import wait_for
@@ -31,9 +31,8 @@ def keyed_cluster(tmp_path_factory) -> Iterator[LocalCluster]:
 
 @pytest.fixture(scope="module")
 def keyed_tab(browser, keyed_cluster) -> Iterator[Tab]:
-    tab = Tab(browser, keyed_cluster.url)
-    yield tab
-    tab.close()
+    with open_tab(browser, keyed_cluster.url) as tab:
+        yield tab
 
 
 def test_with_an_api_key_the_page_asks_for_it_and_the_data_is_refused(keyed_tab, keyed_cluster):

@@ -12,7 +12,8 @@ const RETRY_MS = 2000;
 
 const state = { view: null, samples: [], interval: 1, stream: null };
 
-const count = (v) => (v === null || v === undefined ? "–" : Number.isInteger(v) ? String(v) : v.toFixed(1));
+// Counts and rates: "3", "1.25", "42.5" (at most two decimals, fewer as values grow).
+const count = (v) => (v === null || v === undefined ? "–" : String(+v.toFixed(v < 10 ? 2 : 1)));
 const charts = [
   ["throughput", "Throughput (tok/s, all requests)", [["tokens_per_second", "tok/s"]], count],
   ["ttft", "Time to first token", [["ttft_p50", "p50"], ["ttft_p90", "p90"]], formatSeconds],
@@ -45,6 +46,7 @@ async function connect() {
     try {
       const response = await apiFetch("/dashboard/events", { signal: controller.signal });
       setConnection("live");
+      delete document.body.dataset.stale;
       for await (const { event, data } of readEvents(response)) {
         if (event === "traffic") onTraffic(JSON.parse(data));
         else if (event === "cluster") onCluster(JSON.parse(data));
@@ -66,6 +68,7 @@ function setConnection(text) {
 
 // Without the stream nothing on the page is current: say so rather than show stale health.
 function markStale() {
+  document.body.dataset.stale = "true";
   const badge = $("cluster-state");
   badge.textContent = "unreachable";
   badge.dataset.state = "degraded";
