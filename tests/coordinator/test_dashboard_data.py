@@ -61,14 +61,13 @@ def test_the_view_carries_the_current_generations_plan_and_dtype():
 def test_recent_values_percentiles_over_the_window():
     clock = FakeClock()
     values = RecentValues(clock, window_seconds=10)
-    assert values.percentile(50) is None
+    assert values.percentiles(50, 90) == [None, None]
     for v in (0.4, 0.1, 0.3, 0.2):
         values.add(v)
     values.add(1.0, count=6)
-    assert (values.percentile(50), values.percentile(90), values.percentile(0)) == (1.0, 1.0, 0.1)
-    assert values.percentile(30) == 0.3
+    assert values.percentiles(0, 30, 40, 50, 90) == [0.1, 0.3, 0.4, 1.0, 1.0]
     clock.advance(10.5)
-    assert values.percentile(50) is None
+    assert values.percentiles(50) == [None]
 
 
 def job(clock: FakeClock) -> Job:

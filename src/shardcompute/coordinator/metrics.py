@@ -52,15 +52,15 @@ class RecentValues:
         now = self._clock()
         self._samples.extend((now, value) for _ in range(count))
 
-    def percentile(self, q: float) -> float | None:
-        """The nearest-rank `q`-th percentile (0-100) of the window, or None when empty."""
+    def percentiles(self, *qs: float) -> list[float | None]:
+        """The nearest-rank percentiles (0-100) of the window; None each when it is empty."""
         horizon = self._clock() - self._window
         while self._samples and self._samples[0][0] < horizon:
             self._samples.popleft()
         if not self._samples:
-            return None
+            return [None] * len(qs)
         values = sorted(v for _, v in self._samples)
-        return values[max(math.ceil(q / 100 * len(values)) - 1, 0)]
+        return [values[max(math.ceil(q / 100 * len(values)) - 1, 0)] for q in qs]
 
 
 class Metrics:

@@ -62,14 +62,15 @@ def take_sample(
 ) -> TrafficSample:
     """The traffic now: token rate and latency percentiles over their windows, queue, batch."""
     running, waiting = running_and_waiting(queue, workers)
-    ttft, itl = metrics.recent_ttft, metrics.recent_token_latency
+    ttft_p50, ttft_p90 = metrics.recent_ttft.percentiles(50, 90)
+    itl_p50, itl_p90 = metrics.recent_token_latency.percentiles(50, 90)
     return TrafficSample(
         t=round(wall(), 3),
         tokens_per_second=round(metrics.tokens.rate(), 3),
-        ttft_p50=ttft.percentile(50),
-        ttft_p90=ttft.percentile(90),
-        itl_p50=itl.percentile(50),
-        itl_p90=itl.percentile(90),
+        ttft_p50=ttft_p50,
+        ttft_p90=ttft_p90,
+        itl_p50=itl_p50,
+        itl_p90=itl_p90,
         queue_depth=waiting,
         running=running,
     )
