@@ -13,6 +13,7 @@ export class Chat {
     this.model = model;
     this.onUnauthorized = onUnauthorized;
     this.history = [];
+    this.conversation = 0; // grows on "New chat", so a reply still ending joins no other
     this.controller = null;
     $("chat-form").addEventListener("submit", (e) => { e.preventDefault(); this.send(); });
     $("chat-input").addEventListener("keydown", (e) => {
@@ -24,6 +25,7 @@ export class Chat {
 
   reset() {
     this.controller?.abort();
+    this.conversation += 1;
     this.history = [];
     $("chat-log").replaceChildren();
   }
@@ -53,6 +55,7 @@ export class Chat {
     const text = input.value.trim();
     if (!text || this.controller) return;
     input.value = "";
+    const conversation = this.conversation;
     this.addMessage("user", text);
     const reply = this.addMessage("assistant", "");
     this.setBusy(new AbortController());
@@ -67,8 +70,10 @@ export class Chat {
     }
     reply.node.dataset.status = outcome.status;
     reply.stats.textContent = outcome.stats;
-    if (outcome.keep) {
-      this.history.push({ role: "user", content: text }, { role: "assistant", content: reply.text.textContent });
+    // A stopped reply stays in the conversation as far as it got, unless it got nowhere.
+    const said = reply.text.textContent;
+    if (outcome.keep && conversation === this.conversation && (said || outcome.status === "done")) {
+      this.history.push({ role: "user", content: text }, { role: "assistant", content: said });
     }
   }
 
