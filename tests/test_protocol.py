@@ -46,6 +46,14 @@ SAMPLES = [
     ASSIGNMENT,
     p.HeartbeatResponse(cluster_state="loading", assignment=ASSIGNMENT),
     p.LoadedReport(generation=2, rank=1, load_seconds=1.5, metrics=METRICS),
+    p.LoadedReport(
+        generation=2,
+        rank=0,
+        metrics=METRICS.model_copy(update=dict(running=3, waiting=1, kv_tokens_used=9)),
+        plan={"world_size": 2, "weights": [2.0, 1.0], "ranks": [{"rank": 0, "heads": [0, 6]}]},
+        collectives_per_token=62,
+        dtype="float32",
+    ),
     p.MetricsReport(generation=2, metrics=METRICS),
     p.Ack(),
     p.WorkPoll(worker_id="w1", generation=2, wait_seconds=5),
@@ -88,6 +96,18 @@ SAMPLES = [
         in_flight=0,
         requests_total=3,
         tokens_per_second=1.5,
+        dtype="float32",
+        plan={"world_size": 1, "weights": [1.0], "ranks": []},
+        collectives_per_token=4,
+    ),
+    p.TrafficHistory(
+        interval_seconds=1.0,
+        samples=[
+            p.TrafficSample(t=1.5, tokens_per_second=0, queue_depth=0, running=0),
+            p.TrafficSample(
+                t=2.5, tokens_per_second=9, ttft_p50=0.2, itl_p90=0.05, queue_depth=1, running=2
+            ),
+        ],
     ),
 ]
 

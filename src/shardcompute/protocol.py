@@ -11,6 +11,10 @@ Flow (all internal routes need `Authorization: Bearer <cluster token>`):
   engine -> POST /internal/v1/work/next                     WorkPoll -> GenerationRequest | 204
   engine -> POST /internal/v1/work/{request_id}/events      EventBatch -> CancelStatus
   engine -> GET  /internal/v1/work/{request_id}/cancelled   -> CancelStatus
+
+Views (API key, when one is configured):
+  client -> GET /cluster            -> ClusterView
+  page   -> GET /dashboard/events   SSE: `cluster` ClusterView, `traffic` TrafficHistory
 """
 
 from __future__ import annotations
@@ -118,6 +122,12 @@ class WorkerMetrics(Part):
     tokens_processed: int = Field(0, ge=0)
     collective_seconds: float = Field(0.0, ge=0)
     steps: int = Field(0, ge=0)
+    # The scheduler's view (rank 0): requests in the running batch and admitted but waiting,
+    # and KV-cache tokens in use of those allocated. 0 until the engine reports them.
+    running: int = Field(0, ge=0)
+    waiting: int = Field(0, ge=0)
+    kv_tokens_used: int = Field(0, ge=0)
+    kv_tokens_total: int = Field(0, ge=0)
 
 
 class Heartbeat(Message):
@@ -175,6 +185,11 @@ class LoadedReport(Message):
     rank: int
     load_seconds: float = 0.0
     metrics: WorkerMetrics | None = None
+    # What the engine computed, for the dashboard: PartitionPlan.to_dict(), the collectives
+    # one token's forward pass makes, and the dtype the weights run in ("auto" resolved).
+    plan: dict[str, Any] | None = None
+    collectives_per_token: int | None = Field(None, ge=0)
+    dtype: str | None = None
 
 
 class MetricsReport(Message):
@@ -273,6 +288,7 @@ class WorkerView(Part):
     seconds_since_heartbeat: float
     facts: DeviceFacts
     metrics: WorkerMetrics
+    engine_restarts: int = Field(0, ge=0)  # engines started for this worker after its first
 
 
 class ClusterView(Message):
@@ -290,3 +306,33 @@ class ClusterView(Message):
     in_flight: int
     requests_total: int
     tokens_per_second: float
+    dtype: str = ""  # as the engines report it, else as configured
+    backend: str = ""
+    heartbeat_timeout_seconds: float = 0.0
+    plan: dict[str, Any] | None = None  # the current generation's, once a rank has loaded
+    collectives_per_token: int | None = None
+
+
+# --- the dashboard's live stream (GET /dashboard/events) ------------------------------------
+
+
+class TrafficSample(Part):
+    """The traffic at one moment, as the dashboard charts it. Latencies are percentiles over
+    the last few seconds, in seconds; None when nothing was measured then."""
+
+    t: float  # unix time
+    tokens_per_second: float = Field(ge=0)
+    ttft_p50: float | None = None
+    ttft_p90: float | None = None
+    itl_p50: float | None = None  # inter-token latency
+    itl_p90: float | None = None
+    queue_depth: int = Field(ge=0)
+    running: int = Field(ge=0)  # the running batch
+
+
+class TrafficHistory(Message):
+    """Traffic samples, oldest first: the whole ring buffer when a page connects, then each
+    new one as it is taken."""
+
+    interval_seconds: float = Field(gt=0)
+    samples: list[TrafficSample]

@@ -23,6 +23,7 @@ class LocalCluster(Processes):
         self.tmp = tmp
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
         self.config = tmp / "cluster.yaml"
         lines = [
             "coordinator:",
@@ -80,7 +81,8 @@ class LocalCluster(Processes):
             return False
 
     def cluster(self) -> dict:
-        return httpx.get(f"{self.url}/cluster", timeout=5).json()
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.get(f"{self.url}/cluster", headers=headers, timeout=5).json()
 
     def wait_state(self, state: str, timeout: float = 20) -> dict:
         return wait_for(

@@ -37,6 +37,8 @@ def test_up_serves_then_sigint_stops_everything(tmp_path):
             lines.append(up.stdout.readline())
             assert lines[-1] or up.poll() is None, "".join(lines)
         assert f"ready: http://127.0.0.1:{port}/v1" in "".join(lines)
+        assert up.stdout.readline().strip() == f"dashboard: http://127.0.0.1:{port}/"
+        assert "<title>ShardCompute</title>" in httpx.get(f"http://127.0.0.1:{port}/").text
         r = httpx.post(
             f"http://127.0.0.1:{port}/v1/completions",
             json={"model": "smollm2-135m", "prompt": "up"},

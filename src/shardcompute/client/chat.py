@@ -21,6 +21,7 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
+MAX_TOKENS_HELP = "cap on each answer, in tokens (default: until the model stops)"
 API_KEY_ENVS = ("SHARDCOMPUTE_API_KEY", "SHARDCOMPUTE_SECURITY__API_KEY", "OPENAI_API_KEY")
 
 
@@ -114,7 +115,7 @@ class ChatSettings:
 
     model: str | None = None  # None: the first model the server lists
     system: str | None = None
-    max_tokens: int = 256
+    max_tokens: int | None = None  # None: until the model stops, up to its context
     temperature: float = 0.0  # greedy, so a question gets the same answer every time
 
 
@@ -133,10 +134,11 @@ class ChatSession:
         body = {
             "model": self.model,
             "messages": messages,
-            "max_tokens": s.max_tokens,
             "temperature": s.temperature,
             "stream_options": {"include_usage": True},
         }
+        if s.max_tokens is not None:  # else the server's default: run to the context
+            body["max_tokens"] = s.max_tokens
         start, first, parts, tokens = time.perf_counter(), None, [], None
         for chunk in stream_chunks(self.http, "/chat/completions", body):
             piece = chunk_text(chunk)
@@ -191,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
         help="model dir with tokenizer.json, to count tokens locally if the server sends no usage",
     )
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=ChatSettings.max_tokens)
+    p.add_argument("--max-tokens", type=int, help=MAX_TOKENS_HELP)
     p.add_argument(
         "--temperature",
         type=float,

@@ -7,15 +7,16 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from shardcompute.coordinator import routes_api, routes_internal
-from shardcompute.coordinator.auth import coordinator_of
+from shardcompute.coordinator.auth import coordinator_of, require_api_key
 from shardcompute.coordinator.http_errors import ApiError, error_body
+from shardcompute.coordinator.routes_dashboard import add_dashboard
 from shardcompute.coordinator.service import Coordinator
 from shardcompute.protocol import ClusterView
 
@@ -31,17 +32,23 @@ def create_app(coordinator: Coordinator) -> FastAPI:
     app.include_router(routes_internal.router)
     app.include_router(routes_api.router)
     _add_ops_routes(app)
+    add_dashboard(app)
     _add_error_handlers(app)
     return app
 
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    task = asyncio.create_task(_sweep_forever(app.state.coordinator))
+    coordinator = app.state.coordinator
+    tasks = [
+        asyncio.create_task(_sweep_forever(coordinator)),
+        asyncio.create_task(_sample_traffic_forever(coordinator)),
+    ]
     try:
         yield
     finally:
-        task.cancel()
+        for task in tasks:
+            task.cancel()
 
 
 async def _sweep_forever(coordinator: Coordinator) -> None:
@@ -50,6 +57,12 @@ async def _sweep_forever(coordinator: Coordinator) -> None:
     while True:
         await asyncio.sleep(period)
         coordinator.registry.sweep()
+
+
+async def _sample_traffic_forever(coordinator: Coordinator) -> None:
+    while True:
+        await asyncio.sleep(coordinator.traffic.interval_seconds)
+        coordinator.record_traffic()
 
 
 def _add_ops_routes(app: FastAPI) -> None:
@@ -67,7 +80,7 @@ def _add_ops_routes(app: FastAPI) -> None:
         body = {"ready": ok, "state": registry.state, "reason": registry.reason}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/cluster")
+    @app.get("/cluster", dependencies=[Depends(require_api_key)])
     async def cluster(request: Request) -> ClusterView:
         """The cluster, its workers and their metrics as JSON."""
         coordinator = coordinator_of(request)

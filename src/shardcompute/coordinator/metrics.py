@@ -3,6 +3,7 @@ gauges read from the registry and queue at scrape time."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -38,12 +39,39 @@ class TokenRate:
         return sum(n for _, n in self._samples) / self._window
 
 
+class RecentValues:
+    """Values observed over a sliding window of the injected clock, for percentiles."""
+
+    def __init__(self, clock: Clock, window_seconds: float = 10.0):
+        self._clock = clock
+        self._window = window_seconds
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def add(self, value: float, count: int = 1) -> None:
+        """Observe `value` now, `count` times."""
+        now = self._clock()
+        self._samples.extend((now, value) for _ in range(count))
+
+    def percentiles(self, *qs: float) -> list[float | None]:
+        """The nearest-rank percentiles (0-100) of the window; None each when it is empty."""
+        horizon = self._clock() - self._window
+        while self._samples and self._samples[0][0] < horizon:
+            self._samples.popleft()
+        if not self._samples:
+            return [None] * len(qs)
+        values = sorted(v for _, v in self._samples)
+        return [values[max(math.ceil(q / 100 * len(values)) - 1, 0)] for q in qs]
+
+
 class Metrics:
     """Owns a private Prometheus registry, so several coordinators can live in one process."""
 
     def __init__(self, clock: Clock, view: Callable[[], ClusterView]):
         self.registry = CollectorRegistry()
         self.tokens = TokenRate(clock)
+        # Recent latencies for the dashboard's charts (the histograms only ever accumulate).
+        self.recent_ttft = RecentValues(clock)
+        self.recent_token_latency = RecentValues(clock)
         self.requests = Counter(
             "shardcompute_requests",
             "API requests by endpoint and outcome",
@@ -73,11 +101,13 @@ class Metrics:
         if job.first_token_at is None:
             job.first_token_at = now
             self.ttft.observe(now - job.created)
+            self.recent_ttft.add(now - job.created)
             n -= 1  # the first token's latency is the TTFT, not an inter-token gap
         elif job.last_token_at is not None:
             gap = (now - job.last_token_at) / n
             for _ in range(n):
                 self.token_latency.observe(gap)
+            self.recent_token_latency.add(gap, n)
         job.last_token_at = now
 
     def render(self) -> bytes:

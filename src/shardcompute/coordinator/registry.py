@@ -45,7 +45,15 @@ class WorkerRecord:
     engine_state: EngineState = "idle"
     engine_generation: int | None = None
     loaded_generation: int | None = None
+    loaded_report: LoadedReport | None = None
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    engine_restarts: int = 0
+
+    def note_engine(self, state: EngineState, generation: int | None) -> None:
+        """Take the engine's state; a new generation after an earlier one is a restart."""
+        if generation is not None and self.engine_generation not in (None, generation):
+            self.engine_restarts += 1
+        self.engine_state, self.engine_generation = state, generation
 
 
 class Registry:
@@ -92,7 +100,7 @@ class Registry:
         """Note a worker is alive and its engine's state; reply with its assignment."""
         rec = self._live(worker_id)
         self._health.beat(worker_id)
-        rec.engine_state, rec.engine_generation = hb.engine_state, hb.generation
+        rec.note_engine(hb.engine_state, hb.generation)
         if hb.metrics is not None:
             rec.metrics = hb.metrics
         self._reconcile()
@@ -109,8 +117,8 @@ class Registry:
                 f"worker {worker_id} reported rank {report.rank} but holds rank {assignment.rank}",
                 param="rank",
             )
-        rec.loaded_generation = report.generation
-        rec.engine_state, rec.engine_generation = "running", report.generation
+        rec.loaded_generation, rec.loaded_report = report.generation, report
+        rec.note_engine("running", report.generation)
         if report.metrics is not None:
             rec.metrics = report.metrics
         log.info("worker %s (rank %d) loaded in %.1fs", worker_id, report.rank, report.load_seconds)
@@ -147,6 +155,14 @@ class Registry:
         if worker_id != self.rank0_worker():
             raise Conflict(f"worker {worker_id} is not rank 0; only rank 0 takes work")
 
+    def loaded_report(self) -> LoadedReport | None:
+        """The current generation's load report, rank 0's first: they share one plan."""
+        for worker_id, _ in sorted(self.assignments.items(), key=lambda item: item[1].rank):
+            report = self.workers[worker_id].loaded_report
+            if report is not None and report.generation == self.generation:
+                return report
+        return None
+
     def worker_views(self) -> list[WorkerView]:
         """Every known worker, in registration order, for /cluster."""
         return [self._view(rec) for rec in sorted(self.workers.values(), key=lambda r: r.order)]
@@ -163,6 +179,7 @@ class Registry:
             seconds_since_heartbeat=round(min(self._health.age(rec.worker_id), 1e9), 3),
             facts=rec.request.facts,
             metrics=rec.metrics,
+            engine_restarts=rec.engine_restarts,
         )
 
     def _live(self, worker_id: str) -> WorkerRecord:

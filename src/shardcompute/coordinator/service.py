@@ -10,6 +10,7 @@ from shardcompute.coordinator.http_errors import NotFound, NotReady
 from shardcompute.coordinator.metrics import Metrics
 from shardcompute.coordinator.queue import Job, RequestQueue
 from shardcompute.coordinator.registry import Registry
+from shardcompute.coordinator.traffic import TrafficLog, take_sample
 from shardcompute.protocol import ClusterState, ClusterView, GenerationRequest
 
 
@@ -31,6 +32,7 @@ class Coordinator:
         self.queue = RequestQueue(
             config.coordinator.max_queued_requests, clock, observer=self.metrics.observe_event
         )
+        self.traffic = TrafficLog()
         self.registry.listeners.append(self._on_state_change)
 
     @property
@@ -63,10 +65,16 @@ class Coordinator:
             )
         return await self.queue.submit(request)
 
+    def record_traffic(self) -> None:
+        """Add a sample to the dashboard's traffic history."""
+        sample = take_sample(self.metrics, self.queue, self.registry.worker_views())
+        self.traffic.record(sample)
+
     def view(self) -> ClusterView:
         """Everything /cluster shows."""
         reg = self.registry
         any_assignment = next(iter(reg.assignments.values()), None)
+        loaded = reg.loaded_report()
         return ClusterView(
             state=reg.state,
             reason=reg.reason,
@@ -80,4 +88,9 @@ class Coordinator:
             in_flight=self.queue.in_flight,
             requests_total=self.queue.submitted_total,
             tokens_per_second=round(self.metrics.tokens.rate(), 3),
+            dtype=(loaded and loaded.dtype) or self.config.model.dtype,
+            backend=self.config.parallelism.topology,
+            heartbeat_timeout_seconds=self.config.coordinator.heartbeat_timeout_seconds,
+            plan=loaded.plan if loaded else None,
+            collectives_per_token=loaded.collectives_per_token if loaded else None,
         )

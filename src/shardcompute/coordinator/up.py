@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from shardcompute.client.chat import (
+    MAX_TOKENS_HELP,
     ChatSession,
     ChatSettings,
     ServerError,
@@ -70,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     then = p.add_mutually_exclusive_group()
     then.add_argument("--prompt", help="once ready, stream the answer to this, then stop")
     then.add_argument("--chat", action="store_true", help="once ready, chat; stop on /quit")
-    p.add_argument("--max-tokens", type=int, default=64, help="longest answer, in tokens")
+    p.add_argument("--max-tokens", type=int, help=MAX_TOKENS_HELP)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     return p
 
@@ -239,7 +240,7 @@ def _talk(args: argparse.Namespace, url: str) -> int:
 def _check_args(args: argparse.Namespace) -> None:
     if args.workers < 1:
         raise ShardComputeError(f"--workers must be at least 1, got {args.workers}")
-    if args.max_tokens < 1:
+    if args.max_tokens is not None and args.max_tokens < 1:
         raise ShardComputeError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     # Else /ready of whatever holds the port could answer for a cluster that never started.
     if not _can_bind(args.port, reuse_address=True):
@@ -271,6 +272,7 @@ def up_main(argv: list[str] | None = None) -> int:
         talk = args.prompt is not None or args.chat
         hint = "" if talk else " Ctrl-C stops the cluster."
         console.print(f"ready: {url}/v1 serves {args.model!r} ({state['reason']}).{hint}")
+        console.print(f"dashboard: {url}/")
         if talk:
             return _talk(args, url)
         _serve(children)

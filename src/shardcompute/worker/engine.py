@@ -38,7 +38,7 @@ from shardcompute.engine.generate import GenerationResponse, generate_step, stre
 from shardcompute.engine.job import ModelSpec
 from shardcompute.engine.params import SamplingParams
 from shardcompute.engine.rank_main import encode_prompt, load_spec, stop_ids, tokenizer_for
-from shardcompute.model.llama import Model
+from shardcompute.model.llama import Model, collectives_per_forward
 from shardcompute.protocol import (
     CLUSTER_TOKEN_ENV,
     Assignment,
@@ -438,6 +438,9 @@ def run(a: Assignment, token: str) -> None:
         rank=a.rank,
         load_seconds=time.perf_counter() - start,
         metrics=ctx.metrics(),
+        plan=model.plan.to_dict(),  # for the dashboard
+        collectives_per_token=collectives_per_forward(model.args),
+        dtype=model.policy.describe(),
     )
     try:
         queue.post(f"/workers/{a.worker_id}/loaded", loaded)
