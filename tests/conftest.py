@@ -84,6 +84,17 @@ TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         "LlamaForCausalLM",
         dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
     ),
+    # Wide enough to quantize with group 64 at world sizes 2 (uneven: 3 KV heads) and 3.
+    "llama-g64": (
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=384,
+            intermediate_size=768,
+            num_attention_heads=6,
+            num_key_value_heads=3,
+            vocab_size=512,
+        ),
+    ),
 }
 
 
@@ -129,7 +140,8 @@ def _legacy_rope_config(config_file: Path) -> None:
 def tiny_hf_model(tmp_path_factory) -> Callable[..., Path]:
     """Factory: `tiny_hf_model(family)` -> directory of a tiny random HF checkpoint.
 
-    Families: llama3, llama3-legacy, qwen2, mistral, llama-tied. Built once per session.
+    Families: llama3, llama3-legacy, qwen2, mistral, llama-tied, llama-g64. Built once per
+    session.
     """
     built: dict[str, Path] = {}
 

@@ -35,6 +35,8 @@ def test_bench_rows(tiny_hf_model, tmp_path):
     rows = [r for r in rows if r["threads_asked"] == "auto"]
     for row in rows:
         assert ROW_FIELDS | {"collective_s_per_token", "bound_tok_s"} <= row.keys()
+        # float32: every rank started with TF32 off (MLX_ENABLE_TF32=0 from the launcher).
+        assert row["tf32_per_rank"] == ["off"] * row["world_size"]
         assert row["decode_tok_s"] > 0 and row["step_s"] == pytest.approx(1 / row["decode_tok_s"])
         assert len(row["streamed_bytes_per_rank"]) == row["world_size"]
     config = json.loads((model / "config.json").read_text())

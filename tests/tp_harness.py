@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from shardcompute.dtypes import DtypeRequest
 from shardcompute.engine.generate import generate_tokens
+from shardcompute.engine.job import dtype_request
 from shardcompute.engine.launch import launch_local
 from shardcompute.model.loader import load_model
 
 RANK_SCRIPT = str(Path(__file__).parent / "ranks" / "forward_case.py")
-RANK_TIMEOUT = 240.0
+RANK_TIMEOUT = float(os.environ.get("SHARDCOMPUTE_TEST_RANK_TIMEOUT", 240))
 
 
 def run_ranks(case: dict, out: Path) -> dict:
@@ -31,9 +34,10 @@ def run_ranks(case: dict, out: Path) -> dict:
     return result
 
 
-def dense_reference(model_src, dtype: str, prompt: list[int], max_tokens: int = 64) -> dict:
-    """The same measurements from the whole model in this process."""
-    model = load_model(model_src, dtype)
+def dense_reference(model_src, dtype, prompt: list[int], max_tokens: int = 64) -> dict:
+    """The same measurements from the whole model in this process. `dtype`: a name, or the
+    fields of a DtypeRequest."""
+    model = load_model(model_src, DtypeRequest.model_validate(dtype_request(dtype)))
     logits = np.array(model(mx.array([prompt]))[0].astype(mx.float32))
     tokens = generate_tokens(model, prompt, max_tokens=max_tokens)
     return {"logits": logits, "tokens": tokens, "sampled": sampled_tokens(model, prompt)}

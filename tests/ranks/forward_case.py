@@ -16,7 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 from shardcompute.collectives.group import Collectives, init_group
+from shardcompute.dtypes import DtypeRequest
 from shardcompute.engine.generate import generate_tokens
+from shardcompute.engine.job import dtype_request
 from shardcompute.model.loader import load_model
 
 
@@ -29,7 +31,7 @@ def main() -> None:
     comm = Collectives(init_group(case.get("backend", "ring"), case["world_size"]))
     model = load_model(
         case.get("model"),
-        case.get("dtype", "float32"),
+        DtypeRequest.model_validate(dtype_request(case.get("dtype", "float32"))),
         comm,
         case.get("weights"),
         case.get("shard_dir"),

@@ -127,6 +127,8 @@ def _names(ckpt: Checkpoint, plan, rank: int, targets) -> list[str]:
 
 
 def _stored_dtype(ckpt: Checkpoint) -> str:
-    """The float dtype a native shard keeps (norm weights are never quantized)."""
-    dtype = ckpt.tensors["model.norm.weight"].dtype
+    """The float dtype a native shard keeps its bulk in: the scales of quantized weights
+    (GGUF: float16), else the weights'."""
+    name = next((f"{p}.scales" for p in ckpt.quant), "model.embed_tokens.weight")
+    dtype = ckpt.tensors[name].dtype
     return {mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(dtype, "float32")
