@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from shardcompute.config import ClusterConfig
@@ -80,4 +81,5 @@ class Coordinator:
             in_flight=self.queue.in_flight,
             requests_total=self.queue.submitted_total,
             tokens_per_second=round(self.metrics.tokens.rate(), 3),
+            coordinator_pid=os.getpid(),
         )
