@@ -86,5 +86,11 @@ def tls_failure(exc: BaseException, url: str, ca_file: str | Path | None) -> str
 
 
 def describe_http_error(exc: httpx.HTTPError, url: str, ca_file: str | Path | None) -> str:
-    """What went wrong talking to `url`, for a user: TLS failures said plainly."""
-    return tls_failure(exc, url, ca_file) or f"{type(exc).__name__}: {exc}"
+    """What went wrong talking to `url`, for a user: TLS failures and dropped connections
+    said plainly."""
+    problem = tls_failure(exc, url, ca_file)
+    if problem is not None:
+        return problem
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"the connection to {url} dropped before the answer was complete ({exc})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

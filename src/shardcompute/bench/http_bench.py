@@ -24,9 +24,12 @@ from shardcompute.client.chat import (
     api_client,
     chunk_text,
     default_api_key,
+    failure_text,
     served_model,
     stream_chunks,
 )
+from shardcompute.errors import ShardComputeError
+from shardcompute.http_client import default_tls_ca
 
 
 @dataclass
@@ -67,7 +70,8 @@ def run_one(http: httpx.Client, body: dict[str, Any]) -> RequestResult:
                 first = time.perf_counter()
             usage = chunk.get("usage") or usage
     except (ServerError, httpx.HTTPError) as e:
-        return RequestResult(False, time.perf_counter() - start, error=str(e) or type(e).__name__)
+        why = failure_text(e, str(http.base_url))
+        return RequestResult(False, time.perf_counter() - start, error=why)
     end = time.perf_counter()
     n = usage.get("completion_tokens", 0)
     decode = (n - 1) / (end - first) if first is not None and n > 1 and end > first else None
@@ -81,9 +85,11 @@ def run_one(http: httpx.Client, body: dict[str, Any]) -> RequestResult:
     )
 
 
-def run_benchmark(url: str, settings: BenchSettings, api_key: str | None = None) -> dict:
+def run_benchmark(
+    url: str, settings: BenchSettings, api_key: str | None = None, tls_ca: str | None = None
+) -> dict:
     """Run the load and return the summary (as written to JSON)."""
-    with api_client(url, api_key) as http:
+    with api_client(url, api_key, tls_ca=tls_ca) as http:
         model = settings.model or served_model(http)
         body = {
             "model": model,
@@ -177,6 +183,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--model", help="model id (default: the first the server lists)")
     p.add_argument("--api-key", default=default_api_key())
+    p.add_argument(
+        "--tls-ca",
+        default=default_tls_ca(),
+        help="verify an https:// coordinator against this CA file",
+    )
     p.add_argument("--json", help="write the report here as JSON")
     return p
 
@@ -193,9 +204,10 @@ def bench_main(argv: list[str] | None = None) -> int:
         args.num_requests, args.concurrency, args.prompt_tokens, args.max_tokens, args.model
     )
     try:
-        report = run_benchmark(args.coordinator_url, settings, args.api_key)
-    except (ServerError, httpx.HTTPError) as e:
-        console.print(f"error: cannot benchmark {args.coordinator_url}: {e}", markup=False)
+        report = run_benchmark(args.coordinator_url, settings, args.api_key, args.tls_ca)
+    except (ServerError, httpx.HTTPError, ShardComputeError) as e:
+        why = failure_text(e, args.coordinator_url, args.tls_ca)
+        console.print(f"error: cannot benchmark {args.coordinator_url}: {why}", markup=False)
         return 2
     print_report(report, console)
     if args.json:
