@@ -116,7 +116,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
+def summary_stats(values: list[float]) -> dict[str, float | None]:
+    """The mean and the p50, p90 and p99 of `values` (None for each when empty)."""
     mean = sum(values) / len(values) if values else None
     return {"mean": mean, **{f"p{q}": percentile(values, q) for q in (50, 90, 99)}}
 
@@ -137,11 +138,11 @@ def summarize(
         "wall_seconds": wall,
         "completion_tokens": tokens,
         "aggregate_tokens_per_second": tokens / wall if wall > 0 else 0.0,
-        "ttft_seconds": _stats([r.ttft_seconds for r in ok if r.ttft_seconds is not None]),
-        "decode_tokens_per_second": _stats(
+        "ttft_seconds": summary_stats([r.ttft_seconds for r in ok if r.ttft_seconds is not None]),
+        "decode_tokens_per_second": summary_stats(
             [r.decode_tokens_per_second for r in ok if r.decode_tokens_per_second is not None]
         ),
-        "latency_seconds": _stats([r.latency_seconds for r in ok]),
+        "latency_seconds": summary_stats([r.latency_seconds for r in ok]),
         "results": [asdict(r) for r in results],
     }
 

@@ -46,6 +46,9 @@ from shardcompute.protocol import (
 log = logging.getLogger("shardcompute.worker")
 
 ENGINE_COMMAND_ENV = "SHARDCOMPUTE_ENGINE_COMMAND"
+# After a failed heartbeat or a new registration, beat again this soon, not an interval
+# later: a restarted coordinator then hears from us (and our engine's PID) at once.
+RETRY_SECONDS = 0.5
 DEFAULT_ENGINE_COMMAND = [sys.executable, "-m", "shardcompute.worker.engine"]
 
 
@@ -239,14 +242,15 @@ class Agent:
         self.worker_id: str | None = None
         self.loaded = False  # whether the coordinator saw our engine's assignment load
         self.interval = 2.0
+        self._unreachable = False  # the last heartbeat failed: log once until it works
 
     def run(self, stop: threading.Event) -> None:
         """Register, then beat every interval until `stop` is set; the engine stops with us."""
         try:
             self.register()
             while not stop.is_set():
-                self.beat()
-                stop.wait(self.interval)
+                steady = self.beat()
+                stop.wait(self.interval if steady else RETRY_SECONDS)
         finally:
             self.engine.stop()
             self._http.close()
@@ -289,8 +293,9 @@ class Agent:
             reply.cluster_state,
         )
 
-    def beat(self) -> None:
-        """One heartbeat; start, restart or stop the engine as the reply says."""
+    def beat(self) -> bool:
+        """One heartbeat; start, restart or stop the engine as the reply says. False when
+        the next one should come soon: this one failed, or we just registered again."""
         state, code = self.engine.state()
         beat = Heartbeat(
             generation=self.engine.generation,
@@ -301,22 +306,33 @@ class Agent:
         try:
             reply = self._call(f"/workers/{self.worker_id}/heartbeat", beat, HeartbeatResponse)
         except UnknownWorker:
-            # The engine keeps running: a restarted coordinator may adopt its group whole.
-            log.warning(
-                "the coordinator does not know worker %s (it restarted, or declared us dead); "
-                "registering again with our engine's assignment (generation %s)",
-                self.worker_id,
-                self.engine.generation,
-            )
-            self.register()
-            return
+            self._register_again()
+            return False
         except (httpx.TransportError, httpx.HTTPStatusError) as e:
-            log.warning("heartbeat failed (%s); retrying", e)
-            return
+            # Once per outage: a coordinator down for an hour must not flood the log.
+            level = logging.DEBUG if self._unreachable else logging.WARNING
+            log.log(level, "heartbeat failed (%s); retrying every %.1fs", e, RETRY_SECONDS)
+            self._unreachable = True
+            return False
+        if self._unreachable:
+            log.info("the coordinator answers heartbeats again")
+            self._unreachable = False
         self._follow(reply.assignment)
         self.loaded = reply.loaded and self.engine.generation == (
             reply.assignment.generation if reply.assignment else None
         )
+        return True
+
+    def _register_again(self) -> None:
+        # The engine keeps running: a restarted coordinator may adopt its group whole.
+        log.warning(
+            "the coordinator does not know worker %s (it restarted, or declared us dead); "
+            "registering again with our engine's assignment (generation %s)",
+            self.worker_id,
+            self.engine.generation,
+        )
+        self.register()
+        self._unreachable = False
 
     def _follow(self, assignment: Assignment | None) -> None:
         if assignment is None:
