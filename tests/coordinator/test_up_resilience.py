@@ -106,7 +106,6 @@ def assert_kept(before: Snapshot, after: Snapshot, seconds: float) -> None:
 
 def test_idle_coordinator_killed_comes_back_with_the_same_engines(up, greedy_chat_reply):
     expected = greedy_chat_reply(QUESTION, MAX_TOKENS)
-    assert ask(up.url) == expected
     before = up.snapshot()
     after, seconds = up.kill_coordinator_and_wait(before)
     assert_kept(before, after, seconds)
