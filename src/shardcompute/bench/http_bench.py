@@ -175,6 +175,13 @@ def print_report(report: dict, console: Console) -> None:
         console.print(f"  error: {message}", markup=False)
 
 
+def write_json(path: str, report: dict, console: Console) -> None:
+    """Write `report` to `path` as JSON, making its directory, and say so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {path}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__)
     p.add_argument("--coordinator-url", default="http://127.0.0.1:8000")
@@ -212,9 +219,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         return 2
     print_report(report, console)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        console.print(f"wrote {args.json}")
+        write_json(args.json, report, console)
     return 1 if report["errors"] else 0
 
 

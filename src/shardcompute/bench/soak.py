@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import sys
 import threading
@@ -25,7 +24,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from shardcompute.bench.http_bench import summary_stats
+from shardcompute.bench.http_bench import summary_stats, write_json
 from shardcompute.client.chat import (
     ServerError,
     api_client,
@@ -370,9 +369,7 @@ def soak_main(argv: list[str] | None = None) -> int:
     report["problems"] = verdict(report, args.min_success, args.max_rss_growth)
     print_report(report, console)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        console.print(f"wrote {args.json}")
+        write_json(args.json, report, console)
     for problem in report["problems"]:
         console.print(f"FAIL: {problem}", markup=False)
     return 1 if report["problems"] else 0
