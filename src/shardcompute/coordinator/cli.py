@@ -55,14 +55,14 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
 
 def serve(config: ClusterConfig) -> None:
     """Run the coordinator in this process until interrupted."""
+    security = config.security
+    if security.tls_cert and security.tls_key:  # refuse bad files before uvicorn's traceback
+        check_server_files(security.tls_cert, security.tls_key)
     import uvicorn
 
     from shardcompute.coordinator.app import create_app
     from shardcompute.coordinator.service import Coordinator
 
-    security = config.security
-    if security.tls_cert and security.tls_key:  # refuse bad files before uvicorn's traceback
-        check_server_files(security.tls_cert, security.tls_key)
     token = resolve_cluster_token(security, create=True)
     host, port = config.coordinator.host, config.coordinator.port
     scheme = "https" if security.tls_cert else "http"
