@@ -267,19 +267,27 @@ def test_a_group_that_does_not_come_back_whole_is_replaced_in_a_later_generation
         reg.check_rank0(a0.worker_id, 3)  # the old engine is told its group is over
 
 
-@pytest.mark.parametrize(
-    "change, why",
-    [
-        ({"loaded": False}, "not loaded"),
-        ({"requested_rank": 1}, "asks for another rank"),
-    ],
-)
-def test_engines_that_cannot_be_kept_are_replaced(change, why):
+def test_a_rank_not_known_to_have_loaded_is_confirmed_by_rank_0_polling():
+    a0, a1 = sorted(running_group().values(), key=lambda a: a.rank)
+    reg, _, states = make_registry()
+    rejoin(reg, a0, loaded=False)  # its agent never heard back before the coordinator died
+    rejoin(reg, a1)
+    assert (reg.state, reg.generation) == ("loading", 2) and "1 of 2" in reg.reason
+    assert not reg.heartbeat(a0.worker_id, Heartbeat(generation=2)).loaded
+    with pytest.raises(Conflict, match="not rank 0"):
+        reg.check_rank0(a1.worker_id, 2)
+    assert reg.state == "loading"
+    reg.check_rank0(a0.worker_id, 2)  # rank 0 polls only after its whole group ran a step
+    assert reg.state == "ready" and states == ["loading", "ready"]
+    assert reg.heartbeat(a0.worker_id, Heartbeat(generation=2)).loaded
+
+
+def test_an_engine_that_asks_for_another_rank_is_replaced():
     a0, a1 = sorted(running_group().values(), key=lambda a: a.rank)
     reg, clock, _ = make_registry()
     rejoin(reg, a1)
-    w0 = rejoin(reg, a0, **change)
-    assert w0 != a0.worker_id, why  # registered afresh
+    w0 = rejoin(reg, a0, requested_rank=1)
+    assert w0 != a0.worker_id  # registered afresh
     clock.advance(3.5)  # past the heartbeat timeout: rank 1 alone is no group to adopt
     reg.heartbeat(w0, Heartbeat())
     reg.heartbeat(a1.worker_id, Heartbeat(generation=2, engine_state="running"))

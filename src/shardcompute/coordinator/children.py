@@ -55,23 +55,26 @@ class CoordinatorKeeper:
     """Watches the coordinator child and starts it again whenever it dies.
 
     Agents keep their engines and register again, and the new coordinator adopts their group,
-    so nothing reloads. A coordinator that dies `max_deaths` times within `window_seconds`
-    cannot start (a bad config, a port taken): the keeper gives up and `check` says why.
+    so nothing reloads. A coordinator that exits with an error `max_failed_starts` times in a
+    row, each within `min_uptime_seconds` of starting, cannot start (a bad config, a port
+    taken): the keeper gives up and `check` says why. One killed by a signal, or one that ran
+    a while, is always started again.
     """
 
     def __init__(
         self,
         child: Child,
         say: Callable[[str], None],
-        max_deaths: int = 5,
-        window_seconds: float = 60.0,
+        max_failed_starts: int = 3,
+        min_uptime_seconds: float = 30.0,
     ):
         self.child = child
         self.restarts = 0
         self.failure: str | None = None
         self._say = say
-        self._max_deaths, self._window = max_deaths, window_seconds
-        self._deaths: list[float] = []
+        self._max_failed_starts, self._min_uptime = max_failed_starts, min_uptime_seconds
+        self._failed_starts = 0
+        self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator-keeper", daemon=True)
 
@@ -95,18 +98,19 @@ class CoordinatorKeeper:
         code = self.child.proc.poll()
         if code is None:
             return
-        now = time.monotonic()
-        self._deaths = [t for t in self._deaths if now - t < self._window] + [now]
-        if len(self._deaths) >= self._max_deaths:
+        failed_start = code > 0 and time.monotonic() - self._started < self._min_uptime
+        self._failed_starts = self._failed_starts + 1 if failed_start else 0
+        if self._failed_starts >= self._max_failed_starts:
             self.failure = (
-                f"the coordinator exited {len(self._deaths)} times within {self._window:.0f}s "
-                f"(last exit code {code}); last lines of {self.child.log}:\n{self.child.tail()}"
+                f"the coordinator failed to start {self._failed_starts} times in a row (exit "
+                f"code {code}); last lines of {self.child.log}:\n{self.child.tail()}"
             )
             self._stop.set()
             return
         self._say(f"the coordinator exited with code {code}; starting it again on the same port")
         c = self.child  # replaced in place: whoever stops the children stops the new one
         c.proc = _popen(c.cmd, c.env, c.log, append=True)
+        self._started = time.monotonic()
         self.restarts += 1
 
     def _run(self) -> None:

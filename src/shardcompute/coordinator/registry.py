@@ -1,9 +1,11 @@
 """The worker registry and the cluster state machine: forming -> loading -> ready, or degraded.
 
 A restarted coordinator adopts the group its workers' engines still run: agents register
-again announcing their assignment, and once every rank of that generation is back, loaded
-and consistent, it becomes the current group unchanged (no reload). If they do not all come
-back within the heartbeat timeout, a new group forms in a later generation.
+again announcing their assignment, and once every rank of that generation is back and
+consistent, it becomes the current group unchanged (no reload). If they do not all come back
+within the heartbeat timeout, a new group forms in a later generation. A rank whose agent
+had not yet heard that its engine loaded counts as loaded once rank 0 polls for work: rank 0
+takes work only after its whole group has loaded and run a step together.
 
 All time comes from an injected clock, so every transition is tested without sleeping.
 """
@@ -64,6 +66,7 @@ class Registry:
         self._health = HealthTracker(clock, config.coordinator.heartbeat_timeout_seconds)
         self._claims_since: float | None = None  # when the first claim of a running group came
         self._highest_seen = 0  # the newest generation any agent announced: never reused
+        self._adopted = 0  # the generation this coordinator adopted rather than formed
         self._coordinator_url = coordinator_url
         self._order = 0
         self._crashes = 0  # engine crashes since the cluster was last ready
@@ -93,6 +96,7 @@ class Registry:
         log.info("worker %s registered from %s (%s)", worker_id, req.address, req.facts.host)
         if claim is not None:
             rec.engine_state, rec.engine_generation = "running", claim.generation
+            rec.loaded_generation = claim.generation if req.loaded else None
             if self._claims_since is None:
                 self._claims_since = self._clock()
         self._reconcile()
@@ -115,8 +119,7 @@ class Registry:
         self._reconcile()
         assignment = self.assignments.get(worker_id)
         if assignment is None and rec.claim is not None:
-            # Waiting for the rest of its group: its own assignment keeps its engine running.
-            return HeartbeatResponse(cluster_state=self.state, assignment=rec.claim, loaded=True)
+            assignment = rec.claim  # waiting for the rest of its group: its engine runs on
         loaded = assignment is not None and rec.loaded_generation == assignment.generation
         return HeartbeatResponse(cluster_state=self.state, assignment=assignment, loaded=loaded)
 
@@ -166,6 +169,16 @@ class Registry:
         self._current(worker_id, generation)
         if worker_id != self.rank0_worker():
             raise Conflict(f"worker {worker_id} is not rank 0; only rank 0 takes work")
+        if self.state == "loading" and self.generation == self._adopted:
+            self._group_serves()
+
+    def _group_serves(self) -> None:
+        # Rank 0 polls only once every rank has loaded; an adopted rank's loaded report may
+        # have gone to the coordinator that died.
+        for worker_id in self.assignments:
+            self.workers[worker_id].loaded_generation = self.generation
+        log.info("rank 0 of generation %d polls for work: every rank has loaded", self.generation)
+        self._reconcile()
 
     def worker_views(self) -> list[WorkerView]:
         """Every known worker, in registration order, for /cluster."""
@@ -281,8 +294,6 @@ class Registry:
 
     def _unadoptable(self, req: RegisterRequest, a: Assignment) -> str | None:
         """Why the engine `req` announces cannot join an adopted group, or None."""
-        if not req.loaded:
-            return "it had not reported its shard loaded"
         if self.assignments or a.generation <= self.generation:
             return f"this coordinator already formed generation {self.generation}"
         if a.worker_id != req.worker_id or req.worker_id in self.workers:
@@ -329,15 +340,14 @@ class Registry:
     def _adopt(self, group: list[Assignment]) -> None:
         """Make `group` the current generation as it runs: same ranks, hostfile and plan."""
         self._forget_dead()
-        self.generation = group[0].generation
+        self.generation = self._adopted = group[0].generation
         # The agent's URL and CA path are its own; the coordinator's view keeps its own URL.
         update = {"coordinator_url": self._coordinator_url, "tls_ca": None}
         self.assignments = {
             a.worker_id: a.model_copy(update=update) for a in sorted(group, key=lambda a: a.rank)
         }
         for a in group:
-            rec = self.workers[a.worker_id]
-            rec.loaded_generation, rec.previous_rank = a.generation, a.rank
+            self.workers[a.worker_id].previous_rank = a.rank
         self._drop_claims()
         log.info(
             "generation %d adopted as it runs (ranks %s, hostfile %s): engines keep their weights",
