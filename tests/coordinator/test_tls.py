@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from local_cluster import LocalCluster, start_cluster
+from local_cluster import FAKE_ENGINE, LocalCluster, start_cluster
 
-from processes import child_env, free_port
+from processes import Processes, chat_replies, child_env, free_port
 from shardcompute.certs import CertFiles
 
 MODEL = "smollm2-135m"
@@ -130,3 +130,19 @@ def test_coordinator_refuses_bad_tls_files_by_name(certs, other_ca, tmp_path):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=child_env())
         assert out.returncode == 2 and needle in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_up_tls_makes_a_ca_and_wires_every_hop(tmp_path):
+    procs = Processes(tmp_path)
+    logs = tmp_path / "up-logs"
+    cmd = [sys.executable, "-m", "shardcompute.coordinator.up", "--workers", "2", "--port",
+           str(free_port()), "--tls", "--engine-command", f"{sys.executable} {FAKE_ENGINE}",
+           "--log-dir", str(logs), "--ready-timeout", "60", "--prompt", "hello tls"]  # fmt: skip
+    try:
+        output = procs.run("up", cmd, timeout=120)  # asserts exit code 0
+    finally:
+        procs.stop()
+    assert "ready: https://127.0.0.1:" in output and chat_replies(output) == ["slt olleh"], output
+    assert sorted(p.name for p in (logs / "tls").iterdir()) == [
+        "ca-key.pem", "ca.pem", "coordinator-key.pem", "coordinator.pem"
+    ]  # fmt: skip

@@ -294,8 +294,9 @@ def print_report(report: dict, console: Console) -> None:
     """Requests per kind, latency percentiles, and RSS per process, as tables."""
     s = report["settings"]
     kinds = Table(
-        title=f"soak: {report['requests']} requests in {report['wall_seconds']:.0f}s at "
-        f"concurrency {s['concurrency']} ({report['model']}); success "
+        title=f"soak: {report['requests']} requests started in {s['seconds']:.0f}s (the last "
+        f"done at {report['wall_seconds']:.0f}s), concurrency {s['concurrency']} "
+        f"({report['model']}); success "
         f"{report['success_rate']:.2%}, {report['requests_per_second']:.2f} req/s"
     )
     for col in ("kind", "requests", "ok"):
