@@ -51,6 +51,7 @@ def test_weights_from_a_flag_string():
         ({"coordinator.heartbeat_timeout_seconds": 1}, {}, "heartbeat_interval_seconds"),
         ({}, {"SHARDCOMPUTE_WORKER__NOPE": "1"}, "worker.nope"),
         ({"coordinator.port.x": 1}, {}, "coordinator.port: .* from command line"),
+        ({"security.tls_cert": "c.pem"}, {}, "security.tls_cert and security.tls_key go together"),
     ],
 )
 def test_bad_values_name_their_key(overrides, env, needle):

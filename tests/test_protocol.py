@@ -32,10 +32,20 @@ WORKER = p.WorkerView(
     seconds_since_heartbeat=0.1,
     facts=FACTS,
     metrics=METRICS,
+    agent_pid=41,
+    engine_pid=42,
 )
 
 SAMPLES = [
     p.RegisterRequest(facts=FACTS, address="10.0.0.1", requested_rank=0, collective_port=1234),
+    # Registering again after a coordinator restart: the engine's assignment, loaded.
+    p.RegisterRequest(
+        facts=FACTS,
+        address="10.0.0.2",
+        worker_id="w1",
+        running=ASSIGNMENT.model_copy(update={"tls_ca": "/etc/shardcompute/ca.pem"}),
+        loaded=True,
+    ),
     p.RegisterResponse(
         worker_id="w1",
         heartbeat_interval_seconds=1,
@@ -43,8 +53,10 @@ SAMPLES = [
         cluster_state="forming",
     ),
     p.Heartbeat(generation=2, engine_state="exited", engine_exit_code=-9, metrics=METRICS),
+    p.Heartbeat(generation=2, engine_state="running", engine_pid=4242),
     ASSIGNMENT,
     p.HeartbeatResponse(cluster_state="loading", assignment=ASSIGNMENT),
+    p.HeartbeatResponse(cluster_state="ready", assignment=ASSIGNMENT, loaded=True),
     p.LoadedReport(generation=2, rank=1, load_seconds=1.5, metrics=METRICS),
     p.LoadedReport(
         generation=2,
@@ -99,6 +111,7 @@ SAMPLES = [
         dtype="float32",
         plan={"world_size": 1, "weights": [1.0], "ranks": []},
         collectives_per_token=4,
+        coordinator_pid=40,
     ),
     p.TrafficHistory(
         interval_seconds=1.0,
@@ -133,7 +146,7 @@ def test_every_message_has_a_sample():
 def test_other_version_is_refused_with_both_versions():
     wire = json.loads(p.Ack().model_dump_json())
     wire["version"] = 99
-    with pytest.raises(p.ProtocolError, match="version: .*99.*speaks 1"):
+    with pytest.raises(p.ProtocolError, match=f"version: .*99.*speaks {p.PROTOCOL_VERSION}"):
         p.decode(p.Ack, wire)
 
 

@@ -222,6 +222,7 @@ DELEGATED = {
     "worker": ("shardcompute.worker.agent", "worker_main"),
     "up": ("shardcompute.coordinator.up", "up_main"),
     "bench": ("shardcompute.bench.engine_bench", "bench_main"),
+    "certs": ("shardcompute.certs", "certs_main"),
 }
 
 

@@ -107,11 +107,27 @@ class ModelConfig(_Section):
 
 
 class SecurityConfig(_Section):
-    """Shared secrets: workers present the cluster token, API clients the API key."""
+    """Shared secrets: workers present the cluster token, API clients the API key.
+
+    With tls_cert and tls_key the coordinator serves HTTPS; agents (and their engines) verify
+    it against tls_ca, a path on their own machine.
+    """
 
     cluster_token: str | None = None
     cluster_token_file: str = "~/.shardcompute/cluster_token"
     api_key: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+    @model_validator(mode="after")
+    def _cert_needs_key(self) -> SecurityConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError(
+                "security.tls_cert and security.tls_key go together: "
+                f"got tls_cert={self.tls_cert!r}, tls_key={self.tls_key!r}"
+            )
+        return self
 
 
 class ClusterConfig(_Section):

@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shardcompute.dtypes import DtypeRequest
 from shardcompute.errors import ShardComputeError
 
-PROTOCOL_VERSION = 1
+# 2: agents re-register announcing the engine they run; TLS CA path in assignments; PIDs.
+PROTOCOL_VERSION = 2
 # The agent hands the engine child the cluster token in this env var, never on its command line.
 CLUSTER_TOKEN_ENV = "SHARDCOMPUTE_SECURITY__CLUSTER_TOKEN"
 
@@ -95,7 +96,13 @@ class DeviceFacts(Part):
 
 
 class RegisterRequest(Message):
-    """An agent joining: its facts and where its engine's collectives can be reached."""
+    """An agent joining: its facts and where its engine's collectives can be reached.
+
+    An agent joining again (the coordinator restarted, or forgot it) also sends the id it had
+    and the assignment its engine still runs: a coordinator that never saw that generation
+    adopts the group whole once every rank is back and loaded, so the engines keep their
+    weights and their group.
+    """
 
     facts: DeviceFacts
     address: str = Field(min_length=1)  # host or IP that peers use for the ring
@@ -103,6 +110,9 @@ class RegisterRequest(Message):
     requested_rank: int | None = Field(None, ge=0)
     shard_dir: str | None = None
     agent_pid: int = 0
+    worker_id: str | None = None  # the id this agent had before
+    running: Assignment | None = None  # what its engine runs
+    loaded: bool = False  # whether the last coordinator saw that engine load
 
 
 class RegisterResponse(Message):
@@ -136,6 +146,7 @@ class Heartbeat(Message):
     generation: int | None = None  # the assignment the engine runs, None before any
     engine_state: EngineState = "idle"
     engine_exit_code: int | None = None
+    engine_pid: int | None = None
     metrics: WorkerMetrics | None = None
 
 
@@ -159,6 +170,9 @@ class Assignment(Message):
     coordinator_url: str
     backend: str = "ring"
     collective_timeout_seconds: float = 60.0
+    # Set by the agent, as is coordinator_url: the CA file on its machine that the
+    # coordinator's certificate must verify against; None for plain HTTP.
+    tls_ca: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Assignment:
@@ -172,10 +186,12 @@ class Assignment(Message):
 
 
 class HeartbeatResponse(Message):
-    """The cluster state and the worker's current assignment (None while forming)."""
+    """The cluster state and the worker's current assignment (None while forming); `loaded`
+    once its engine reported that assignment loaded."""
 
     cluster_state: ClusterState
     assignment: Assignment | None = None
+    loaded: bool = False
 
 
 class LoadedReport(Message):
@@ -289,6 +305,8 @@ class WorkerView(Part):
     facts: DeviceFacts
     metrics: WorkerMetrics
     engine_restarts: int = Field(0, ge=0)  # engines started for this worker after its first
+    agent_pid: int = 0
+    engine_pid: int | None = None
 
 
 class ClusterView(Message):
@@ -311,6 +329,7 @@ class ClusterView(Message):
     heartbeat_timeout_seconds: float = 0.0
     plan: dict[str, Any] | None = None  # the current generation's, once a rank has loaded
     collectives_per_token: int | None = None
+    coordinator_pid: int = 0
 
 
 # --- the dashboard's live stream (GET /dashboard/events) ------------------------------------
@@ -336,3 +355,6 @@ class TrafficHistory(Message):
 
     interval_seconds: float = Field(gt=0)
     samples: list[TrafficSample]
+
+
+RegisterRequest.model_rebuild()  # it names Assignment, defined after it

@@ -16,6 +16,7 @@ import time
 
 import httpx
 
+from shardcompute.http_client import http_client
 from shardcompute.protocol import (
     CLUSTER_TOKEN_ENV,
     Assignment,
@@ -98,13 +99,11 @@ def main() -> int:
     p.add_argument("--assignment", required=True)
     a = decode(Assignment, open(p.parse_args().assignment).read())
     check_launch(a)
-    http = httpx.Client(
-        base_url=a.coordinator_url + "/internal/v1",
-        headers={
-            "Authorization": f"Bearer {os.environ[CLUSTER_TOKEN_ENV]}",
-            "content-type": "application/json",
-        },
-        timeout=10.0,
+    http = http_client(
+        a.coordinator_url + "/internal/v1",
+        ca_file=a.tls_ca,
+        token=os.environ[CLUSTER_TOKEN_ENV],
+        headers={"content-type": "application/json"},
     )
     loaded = LoadedReport(generation=a.generation, rank=a.rank, load_seconds=0.01)
     http.post(f"/workers/{a.worker_id}/loaded", content=loaded.model_dump_json()).raise_for_status()

@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 
 from processes import Processes, child_env, free_port, wait_for
+from shardcompute.certs import CertFiles
+from shardcompute.http_client import http_client
 
 FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
 CLUSTER_TOKEN = "test-cluster-token"
@@ -17,12 +19,22 @@ API_KEY = "sk-test-key"
 
 
 class LocalCluster(Processes):
-    """A coordinator and agents started by a test; stop() kills each one's process group."""
+    """A coordinator and agents started by a test; stop() kills each one's process group.
+    With `tls`, the coordinator serves HTTPS with its certificate and everyone verifies it
+    against its CA."""
 
-    def __init__(self, tmp: Path, world_size: int = 2, api_key: str | None = None, **config):
+    def __init__(
+        self,
+        tmp: Path,
+        world_size: int = 2,
+        api_key: str | None = None,
+        tls: CertFiles | None = None,
+        **config,
+    ):
         self.tmp = tmp
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.ca = str(tls.ca) if tls else None
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.config = tmp / "cluster.yaml"
         lines = [
@@ -39,6 +51,8 @@ class LocalCluster(Processes):
         ]
         if api_key:
             lines.append(f"  api_key: {api_key}")
+        if tls:
+            lines += [f"  tls_cert: {tls.cert}", f"  tls_key: {tls.key}"]
         self.config.write_text("\n".join(lines) + "\n")
         env = child_env(
             SHARDCOMPUTE_SECURITY__CLUSTER_TOKEN=CLUSTER_TOKEN,
@@ -70,19 +84,26 @@ class LocalCluster(Processes):
             f"{sys.executable} {FAKE_ENGINE}",
             "--connect-timeout",
             "10",
+            *(["--tls-ca", self.ca] if self.ca else []),
             *extra,
         ]
         return self.spawn(name, cmd, env)
 
+    def http(self, timeout: float = 5) -> httpx.Client:
+        """A client for the coordinator, verifying it against the cluster's CA if TLS."""
+        return http_client(self.url, ca_file=self.ca, timeout=timeout)
+
     def _healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+            with self.http(timeout=1) as http:
+                return http.get("/health").status_code == 200
         except httpx.HTTPError:
             return False
 
     def cluster(self) -> dict:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return httpx.get(f"{self.url}/cluster", headers=headers, timeout=5).json()
+        with self.http() as http:
+            return http.get("/cluster", headers=headers).json()
 
     def wait_state(self, state: str, timeout: float = 20) -> dict:
         return wait_for(

@@ -5,7 +5,7 @@ import pytest
 from shardcompute.config import load_config
 from shardcompute.coordinator.bootstrap import Candidate, order_ranks, plan_weights
 from shardcompute.coordinator.health import HealthTracker
-from shardcompute.coordinator.http_errors import ApiError, Conflict, NotFound
+from shardcompute.coordinator.http_errors import ApiError, Conflict, NotFound, NotReady
 from shardcompute.coordinator.registry import Registry
 from shardcompute.protocol import DeviceFacts, Heartbeat, LoadedReport, RegisterRequest
 
@@ -157,7 +157,10 @@ def test_engine_exit_restarts_the_group_up_to_the_limit():
 def test_stale_and_unknown_reports():
     reg, _, _ = make_registry()
     w0, _ = join(reg), join(reg)
-    with pytest.raises(Conflict, match="generation 7"):
+    with pytest.raises(Conflict, match="generation 0"):
+        reg.mark_loaded(w0, LoadedReport(generation=0, rank=0))
+    # Newer than any this coordinator made: not stale, it restarted; the engine must retry.
+    with pytest.raises(NotReady, match="generation 7 is newer"):
         reg.mark_loaded(w0, LoadedReport(generation=7, rank=0))
     with pytest.raises(Conflict, match="reported rank 1 but holds rank 0"):
         reg.mark_loaded(w0, LoadedReport(generation=1, rank=1))
@@ -195,3 +198,121 @@ def test_health_tracker():
     assert h.expired() == ["a"] and h.age("b") == 1.5
     h.forget("a")
     assert h.expired() == [] and h.age("a") == float("inf")
+
+
+# --- a restarted coordinator adopts the group its workers' engines still run ---------------
+
+
+def running_group(generation_bumps=1):
+    """A first coordinator's ready group after `generation_bumps` engine crashes, as
+    {worker_id: assignment}; the registry is then thrown away, as a killed one would be."""
+    reg, _, _ = make_registry()
+    join(reg, "10.0.0.1"), join(reg, "10.0.0.2")
+    for _ in range(generation_bumps):
+        worker = next(iter(reg.assignments))
+        reg.heartbeat(worker, Heartbeat(generation=reg.generation, engine_state="exited"))
+    load_all(reg)
+    assert reg.state == "ready"
+    return dict(reg.assignments)
+
+
+def rejoin(reg, a, loaded=True, **kw):
+    facts = DeviceFacts(host=a.hostfile[a.rank], platform="test", memory_bytes=8)
+    address = a.hostfile[a.rank].split(":")[0]
+    req = RegisterRequest(
+        facts=facts, address=address, worker_id=a.worker_id, running=a, loaded=loaded, **kw
+    )
+    return reg.register(req).worker_id
+
+
+def test_restarted_coordinator_adopts_the_running_group_unchanged():
+    group = running_group()
+    a0, a1 = sorted(group.values(), key=lambda a: a.rank)
+    reg, _, states = make_registry()
+    assert rejoin(reg, a1) == a1.worker_id
+    assert (
+        reg.state == "forming" and "generation 2's ranks" in reg.reason and "1 of 2" in reg.reason
+    )
+    # Meanwhile its agent is told to keep its engine, and the engine's calls are "retry".
+    reply = reg.heartbeat(a1.worker_id, Heartbeat(generation=2, engine_state="running"))
+    assert reply.assignment == a1 and reply.loaded
+    with pytest.raises(NotReady, match="generation 2 is newer"):
+        reg.check_rank0(a0.worker_id, 2)
+    assert rejoin(reg, a0) == a0.worker_id
+    assert (reg.state, reg.generation) == ("ready", 2)
+    assert {w: a.rank for w, a in reg.assignments.items()} == {w: a.rank for w, a in group.items()}
+    assert all(reg.assignments[w].hostfile == a.hostfile for w, a in group.items())
+    reg.check_rank0(a0.worker_id, 2)  # rank 0's engine takes work again
+    assert reg.heartbeat(a0.worker_id, Heartbeat(generation=2)).loaded
+    assert states == ["ready"]  # never "loading": nothing reloads
+    # The counter continues: the next re-form is generation 3.
+    reg.heartbeat(a1.worker_id, Heartbeat(generation=2, engine_state="exited"))
+    assert (reg.state, reg.generation) == ("loading", 3)
+
+
+def test_a_group_that_does_not_come_back_whole_is_replaced_in_a_later_generation():
+    a0, a1 = sorted(running_group(2).values(), key=lambda a: a.rank)
+    reg, clock, _ = make_registry()
+    rejoin(reg, a0)
+    clock.advance(2.0)
+    reg.heartbeat(a0.worker_id, Heartbeat(generation=3, engine_state="running"))
+    reg.sweep()
+    assert reg.state == "forming" and "register again" in reg.reason  # still waiting
+    clock.advance(1.5)  # past the heartbeat timeout (3 s) since the first claim
+    reg.heartbeat(a0.worker_id, Heartbeat(generation=3, engine_state="running"))
+    newcomer = join(reg, "10.0.0.9")
+    assert (reg.state, reg.generation) == ("loading", 4)  # past the claimed generation
+    assert reg.assignments[a0.worker_id].rank == 0 and reg.assignments[newcomer].rank == 1
+    with pytest.raises(Conflict, match="generation 3"):
+        reg.check_rank0(a0.worker_id, 3)  # the old engine is told its group is over
+
+
+def test_a_rank_not_known_to_have_loaded_is_confirmed_by_rank_0_polling():
+    a0, a1 = sorted(running_group().values(), key=lambda a: a.rank)
+    reg, _, states = make_registry()
+    rejoin(reg, a0, loaded=False)  # its agent never heard back before the coordinator died
+    rejoin(reg, a1)
+    assert (reg.state, reg.generation) == ("loading", 2) and "1 of 2" in reg.reason
+    assert not reg.heartbeat(a0.worker_id, Heartbeat(generation=2)).loaded
+    with pytest.raises(Conflict, match="not rank 0"):
+        reg.check_rank0(a1.worker_id, 2)
+    assert reg.state == "loading"
+    reg.check_rank0(a0.worker_id, 2)  # rank 0 polls only after its whole group ran a step
+    assert reg.state == "ready" and states == ["loading", "ready"]
+    assert reg.heartbeat(a0.worker_id, Heartbeat(generation=2)).loaded
+
+
+def test_an_engine_that_asks_for_another_rank_is_replaced():
+    a0, a1 = sorted(running_group().values(), key=lambda a: a.rank)
+    reg, clock, _ = make_registry()
+    rejoin(reg, a1)
+    w0 = rejoin(reg, a0, requested_rank=1)
+    assert w0 != a0.worker_id  # registered afresh
+    clock.advance(3.5)  # past the heartbeat timeout: rank 1 alone is no group to adopt
+    reg.heartbeat(w0, Heartbeat())
+    reg.heartbeat(a1.worker_id, Heartbeat(generation=2, engine_state="running"))
+    assert (reg.state, reg.generation) == ("loading", 3)
+
+
+def test_a_group_from_another_config_or_a_live_coordinator_is_not_adopted():
+    group = running_group()
+    a0, a1 = sorted(group.values(), key=lambda a: a.rank)
+    reg, _, _ = make_registry(**{"model.name": "other-model"})
+    assert rejoin(reg, a0) != a0.worker_id and rejoin(reg, a1) != a1.worker_id
+    assert (reg.state, reg.generation) == ("loading", 3)
+    # A coordinator that already formed a group takes no claims, however new they say they are.
+    late = a0.model_copy(update={"generation": 9, "worker_id": "w-late"})
+    assert rejoin(reg, late) != "w-late"
+    assert reg.generation == 3 and reg.state == "loading"
+
+
+def test_inconsistent_claims_are_not_adopted():
+    a0, a1 = sorted(running_group().values(), key=lambda a: a.rank)
+    reg, clock, _ = make_registry()
+    rejoin(reg, a0)
+    other_hostfile = ["10.0.0.1:29500", "10.0.0.3:29501"]
+    rejoin(reg, a1.model_copy(update={"hostfile": other_hostfile}))
+    assert reg.state == "forming" and reg.generation == 0
+    clock.advance(3.5)
+    beat_all(reg, engine_state="running")
+    assert (reg.state, reg.generation) == ("loading", 3)

@@ -24,9 +24,12 @@ from shardcompute.client.chat import (
     api_client,
     chunk_text,
     default_api_key,
+    failure_text,
     served_model,
     stream_chunks,
 )
+from shardcompute.errors import ShardComputeError
+from shardcompute.http_client import default_tls_ca
 
 
 @dataclass
@@ -67,7 +70,8 @@ def run_one(http: httpx.Client, body: dict[str, Any]) -> RequestResult:
                 first = time.perf_counter()
             usage = chunk.get("usage") or usage
     except (ServerError, httpx.HTTPError) as e:
-        return RequestResult(False, time.perf_counter() - start, error=str(e) or type(e).__name__)
+        why = failure_text(e, str(http.base_url))
+        return RequestResult(False, time.perf_counter() - start, error=why)
     end = time.perf_counter()
     n = usage.get("completion_tokens", 0)
     decode = (n - 1) / (end - first) if first is not None and n > 1 and end > first else None
@@ -81,9 +85,11 @@ def run_one(http: httpx.Client, body: dict[str, Any]) -> RequestResult:
     )
 
 
-def run_benchmark(url: str, settings: BenchSettings, api_key: str | None = None) -> dict:
+def run_benchmark(
+    url: str, settings: BenchSettings, api_key: str | None = None, tls_ca: str | None = None
+) -> dict:
     """Run the load and return the summary (as written to JSON)."""
-    with api_client(url, api_key) as http:
+    with api_client(url, api_key, tls_ca=tls_ca) as http:
         model = settings.model or served_model(http)
         body = {
             "model": model,
@@ -110,7 +116,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _stats(values: list[float]) -> dict[str, float | None]:
+def summary_stats(values: list[float]) -> dict[str, float | None]:
+    """The mean and the p50, p90 and p99 of `values` (None for each when empty)."""
     mean = sum(values) / len(values) if values else None
     return {"mean": mean, **{f"p{q}": percentile(values, q) for q in (50, 90, 99)}}
 
@@ -131,11 +138,11 @@ def summarize(
         "wall_seconds": wall,
         "completion_tokens": tokens,
         "aggregate_tokens_per_second": tokens / wall if wall > 0 else 0.0,
-        "ttft_seconds": _stats([r.ttft_seconds for r in ok if r.ttft_seconds is not None]),
-        "decode_tokens_per_second": _stats(
+        "ttft_seconds": summary_stats([r.ttft_seconds for r in ok if r.ttft_seconds is not None]),
+        "decode_tokens_per_second": summary_stats(
             [r.decode_tokens_per_second for r in ok if r.decode_tokens_per_second is not None]
         ),
-        "latency_seconds": _stats([r.latency_seconds for r in ok]),
+        "latency_seconds": summary_stats([r.latency_seconds for r in ok]),
         "results": [asdict(r) for r in results],
     }
 
@@ -168,6 +175,13 @@ def print_report(report: dict, console: Console) -> None:
         console.print(f"  error: {message}", markup=False)
 
 
+def write_json(path: str, report: dict, console: Console) -> None:
+    """Write `report` to `path` as JSON, making its directory, and say so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {path}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__)
     p.add_argument("--coordinator-url", default="http://127.0.0.1:8000")
@@ -177,6 +191,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--model", help="model id (default: the first the server lists)")
     p.add_argument("--api-key", default=default_api_key())
+    p.add_argument(
+        "--tls-ca",
+        default=default_tls_ca(),
+        help="verify an https:// coordinator against this CA file",
+    )
     p.add_argument("--json", help="write the report here as JSON")
     return p
 
@@ -193,15 +212,14 @@ def bench_main(argv: list[str] | None = None) -> int:
         args.num_requests, args.concurrency, args.prompt_tokens, args.max_tokens, args.model
     )
     try:
-        report = run_benchmark(args.coordinator_url, settings, args.api_key)
-    except (ServerError, httpx.HTTPError) as e:
-        console.print(f"error: cannot benchmark {args.coordinator_url}: {e}", markup=False)
+        report = run_benchmark(args.coordinator_url, settings, args.api_key, args.tls_ca)
+    except (ServerError, httpx.HTTPError, ShardComputeError) as e:
+        why = failure_text(e, args.coordinator_url, args.tls_ca)
+        console.print(f"error: cannot benchmark {args.coordinator_url}: {why}", markup=False)
         return 2
     print_report(report, console)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        console.print(f"wrote {args.json}")
+        write_json(args.json, report, console)
     return 1 if report["errors"] else 0
 
 

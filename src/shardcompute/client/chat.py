@@ -21,6 +21,9 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
+from shardcompute.errors import ShardComputeError
+from shardcompute.http_client import default_tls_ca, describe_http_error, http_client
+
 MAX_TOKENS_HELP = "cap on each answer, in tokens (default: until the model stops)"
 API_KEY_ENVS = ("SHARDCOMPUTE_API_KEY", "SHARDCOMPUTE_SECURITY__API_KEY", "OPENAI_API_KEY")
 
@@ -29,10 +32,12 @@ class ServerError(Exception):
     """The server answered with an error; the message is the server's."""
 
 
-def api_client(url: str, api_key: str | None, timeout: float = 600.0) -> httpx.Client:
-    """An HTTP client for the OpenAI routes under `url`, with the API key if any."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.Client(base_url=url.rstrip("/") + "/v1", headers=headers, timeout=timeout)
+def api_client(
+    url: str, api_key: str | None, timeout: float = 600.0, tls_ca: str | None = None
+) -> httpx.Client:
+    """An HTTP client for the OpenAI routes under `url`, with the API key if any; with
+    `tls_ca`, the server's certificate must verify against that CA file."""
+    return http_client(url.rstrip("/") + "/v1", ca_file=tls_ca, token=api_key, timeout=timeout)
 
 
 def default_api_key() -> str | None:
@@ -46,6 +51,11 @@ def error_message(response: httpx.Response) -> str:
         return response.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         return f"HTTP {response.status_code}: {response.text[:300]}"
+
+
+def failure_text(e: Exception, url: str, tls_ca: str | None = None) -> str:
+    """Why a call failed: the server's message, or what broke on the way (TLS, a drop)."""
+    return describe_http_error(e, url, tls_ca) if isinstance(e, httpx.HTTPError) else str(e)
 
 
 def served_model(http: httpx.Client) -> str:
@@ -160,7 +170,8 @@ class ChatSession:
         try:
             reply = self.ask(text)
         except (ServerError, httpx.HTTPError) as e:
-            self.out.print(f"\n[red]error:[/red] {escape(str(e))}")
+            why = failure_text(e, str(self.http.base_url))
+            self.out.print(f"\n[red]error:[/red] {escape(why)}")
             return None
         self.out.print(f"\n[dim]{reply.rate_line(tokenizer)}[/dim]")
         return reply
@@ -187,6 +198,12 @@ def _parser() -> argparse.ArgumentParser:
         "--api-key",
         default=default_api_key(),
         help=f"API key (default: ${API_KEY_ENVS[0]} or ${API_KEY_ENVS[1]})",
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=default_tls_ca(),
+        help="verify the server's https:// certificate against this CA file "
+        "(default: $SHARDCOMPUTE_SECURITY__TLS_CA)",
     )
     p.add_argument(
         "--tokenizer",
@@ -228,14 +245,20 @@ def _input_lines(out: Console) -> Iterator[str]:
 
 
 def chat(
-    url: str, api_key: str | None, settings: ChatSettings, out: Console, tokenizer: Any = None
+    url: str,
+    api_key: str | None,
+    settings: ChatSettings,
+    out: Console,
+    tokenizer: Any = None,
+    tls_ca: str | None = None,
 ) -> int:
     """Connect, then chat on stdin until /quit or end of input; 1 if the server is unreachable."""
-    with api_client(url, api_key) as http:
+    with api_client(url, api_key, tls_ca=tls_ca) as http:
         try:
             model = settings.model or served_model(http)
         except (ServerError, httpx.HTTPError) as e:
-            out.print(f"[red]error:[/red] cannot reach {url}: {escape(str(e))}")
+            why = failure_text(e, url, tls_ca)
+            out.print(f"[red]error:[/red] cannot reach {url}: {escape(why)}")
             return 1
         out.print(f"[dim]chatting with {model} at {url}; /reset clears history, /quit leaves[/dim]")
         run_chat(ChatSession(http, model, settings, out), _input_lines(out), tokenizer)
@@ -247,7 +270,12 @@ def chat_main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = ChatSettings(args.model, args.system, args.max_tokens, args.temperature)
     out = Console(highlight=False, soft_wrap=True)
-    return chat(args.coordinator_url, args.api_key, settings, out, _load_tokenizer(args.tokenizer))
+    try:
+        tokenizer = _load_tokenizer(args.tokenizer)
+        return chat(args.coordinator_url, args.api_key, settings, out, tokenizer, args.tls_ca)
+    except ShardComputeError as e:  # a bad --tls-ca file, or a CA with an http:// URL
+        out.print(f"[red]error:[/red] {escape(str(e))}")
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
+from shardcompute.certs import check_server_files
 from shardcompute.config import ClusterConfig, load_config, resolve_cluster_token
 from shardcompute.errors import ShardComputeError
 
@@ -27,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set coordinator.heartbeat_timeout_seconds=5",
     )
+    p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (security.tls_cert)")
+    p.add_argument("--tls-key", help="the certificate's PEM private key (security.tls_key)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
     return p
 
@@ -38,6 +42,8 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
         "coordinator.port": args.port,
         "parallelism.tensor_parallel_size": args.world_size,
         "model.name": args.model,
+        "security.tls_cert": args.tls_cert,
+        "security.tls_key": args.tls_key,
     }
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -49,24 +55,37 @@ def config_from_args(args: argparse.Namespace) -> ClusterConfig:
 
 def serve(config: ClusterConfig) -> None:
     """Run the coordinator in this process until interrupted."""
+    security = config.security
+    if security.tls_cert and security.tls_key:  # refuse bad files before uvicorn's traceback
+        check_server_files(security.tls_cert, security.tls_key)
     import uvicorn
 
     from shardcompute.coordinator.app import create_app
     from shardcompute.coordinator.service import Coordinator
 
-    token = resolve_cluster_token(config.security, create=True)
+    token = resolve_cluster_token(security, create=True)
     host, port = config.coordinator.host, config.coordinator.port
-    url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+    scheme = "https" if security.tls_cert else "http"
+    url = f"{scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     app = create_app(Coordinator(config, token, coordinator_url=url))
     log = logging.getLogger("shardcompute.coordinator")
     log.info(
-        "coordinator on %s: waiting for %d workers, model %s, API key %s",
+        "coordinator on %s (pid %d): waiting for %d workers, model %s, API key %s",
         url,
+        os.getpid(),
         config.parallelism.tensor_parallel_size,
         config.model.name,
-        "required" if config.security.api_key else "not required",
+        "required" if security.api_key else "not required",
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+        ssl_certfile=security.tls_cert,
+        ssl_keyfile=security.tls_key,
+    )
 
 
 def coordinator_main(argv: list[str] | None = None) -> int:

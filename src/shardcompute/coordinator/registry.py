@@ -1,5 +1,12 @@
 """The worker registry and the cluster state machine: forming -> loading -> ready, or degraded.
 
+A restarted coordinator adopts the group its workers' engines still run: agents register
+again announcing their assignment, and once every rank of that generation is back and
+consistent, it becomes the current group unchanged (no reload). If they do not all come back
+within the heartbeat timeout, a new group forms in a later generation. A rank whose agent
+had not yet heard that its engine loaded counts as loaded once rank 0 polls for work: rank 0
+takes work only after its whole group has loaded and run a step together.
+
 All time comes from an injected clock, so every transition is tested without sleeping.
 """
 
@@ -13,7 +20,7 @@ from dataclasses import dataclass, field
 from shardcompute.config import ClusterConfig
 from shardcompute.coordinator.bootstrap import Candidate, build_hostfile, order_ranks, plan_weights
 from shardcompute.coordinator.health import Clock, HealthTracker
-from shardcompute.coordinator.http_errors import ApiError, Conflict, NotFound
+from shardcompute.coordinator.http_errors import ApiError, Conflict, NotFound, NotReady
 from shardcompute.errors import ConfigError
 from shardcompute.protocol import (
     Assignment,
@@ -44,10 +51,12 @@ class WorkerRecord:
     previous_rank: int | None = None
     engine_state: EngineState = "idle"
     engine_generation: int | None = None
+    engine_pid: int | None = None
     loaded_generation: int | None = None
     loaded_report: LoadedReport | None = None
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     engine_restarts: int = 0
+    claim: Assignment | None = None  # the running group it announced when registering again
 
     def note_engine(self, state: EngineState, generation: int | None) -> None:
         """Take the engine's state; a new generation after an earlier one is a restart."""
@@ -61,7 +70,11 @@ class Registry:
 
     def __init__(self, config: ClusterConfig, clock: Clock, coordinator_url: str = ""):
         self._config = config
+        self._clock = clock
         self._health = HealthTracker(clock, config.coordinator.heartbeat_timeout_seconds)
+        self._claims_since: float | None = None  # when the first claim of a running group came
+        self._highest_seen = 0  # the newest generation any agent announced: never reused
+        self._adopted = 0  # the generation this coordinator adopted rather than formed
         self._coordinator_url = coordinator_url
         self._order = 0
         self._crashes = 0  # engine crashes since the cluster was last ready
@@ -80,13 +93,20 @@ class Registry:
     # --- messages from agents and engines ------------------------------------------------
 
     def register(self, req: RegisterRequest) -> RegisterResponse:
-        """Add a worker; it gets an assignment once enough workers are live."""
+        """Add a worker; it gets an assignment once enough workers are live, or keeps the one
+        its engine runs if this coordinator can adopt that group."""
         self._check_requested_rank(req.requested_rank)
         self._order += 1
-        worker_id = f"w{self._order}-{secrets.token_hex(3)}"
-        self.workers[worker_id] = WorkerRecord(worker_id, req, self._order)
+        claim = self._claim_of(req)
+        worker_id = req.worker_id if claim else f"w{self._order}-{secrets.token_hex(3)}"
+        rec = self.workers[worker_id] = WorkerRecord(worker_id, req, self._order, claim=claim)
         self._health.beat(worker_id)
         log.info("worker %s registered from %s (%s)", worker_id, req.address, req.facts.host)
+        if claim is not None:
+            rec.engine_state, rec.engine_generation = "running", claim.generation
+            rec.loaded_generation = claim.generation if req.loaded else None
+            if self._claims_since is None:
+                self._claims_since = self._clock()
         self._reconcile()
         coord = self._config.coordinator
         return RegisterResponse(
@@ -101,12 +121,15 @@ class Registry:
         rec = self._live(worker_id)
         self._health.beat(worker_id)
         rec.note_engine(hb.engine_state, hb.generation)
+        rec.engine_pid = hb.engine_pid
         if hb.metrics is not None:
             rec.metrics = hb.metrics
         self._reconcile()
-        return HeartbeatResponse(
-            cluster_state=self.state, assignment=self.assignments.get(worker_id)
-        )
+        assignment = self.assignments.get(worker_id)
+        if assignment is None and rec.claim is not None:
+            assignment = rec.claim  # waiting for the rest of its group: its engine runs on
+        loaded = assignment is not None and rec.loaded_generation == assignment.generation
+        return HeartbeatResponse(cluster_state=self.state, assignment=assignment, loaded=loaded)
 
     def mark_loaded(self, worker_id: str, report: LoadedReport) -> None:
         """An engine of the current generation has loaded its shard."""
@@ -154,6 +177,16 @@ class Registry:
         self._current(worker_id, generation)
         if worker_id != self.rank0_worker():
             raise Conflict(f"worker {worker_id} is not rank 0; only rank 0 takes work")
+        if self.state == "loading" and self.generation == self._adopted:
+            self._group_serves()
+
+    def _group_serves(self) -> None:
+        # Rank 0 polls only once every rank has loaded; an adopted rank's loaded report may
+        # have gone to the coordinator that died.
+        for worker_id in self.assignments:
+            self.workers[worker_id].loaded_generation = self.generation
+        log.info("rank 0 of generation %d polls for work: every rank has loaded", self.generation)
+        self._reconcile()
 
     def loaded_report(self) -> LoadedReport | None:
         """The current generation's load report, rank 0's first: they share one plan."""
@@ -180,6 +213,8 @@ class Registry:
             facts=rec.request.facts,
             metrics=rec.metrics,
             engine_restarts=rec.engine_restarts,
+            agent_pid=rec.request.agent_pid,
+            engine_pid=rec.engine_pid if rec.engine_state == "running" else None,
         )
 
     def _live(self, worker_id: str) -> WorkerRecord:
@@ -192,6 +227,13 @@ class Registry:
         return rec
 
     def _current(self, worker_id: str, generation: int) -> Assignment:
+        if generation > self.generation:
+            # Not stale: this coordinator restarted and has not adopted that group yet.
+            raise NotReady(
+                f"generation {generation} is newer than this coordinator's ({self.generation}): "
+                "it restarted and waits for that group's workers to register again; retry",
+                code="generation_unknown",
+            )
         assignment = self.assignments.get(worker_id)
         if assignment is None or generation != self.generation:
             raise Conflict(
@@ -232,7 +274,7 @@ class Registry:
             if not self._try_form():
                 return
             self._crashes += crashed
-        elif not self.assignments and not self._try_form():
+        elif not self.assignments and not self._adopt_or_form():
             return
         self._set_progress()
 
@@ -246,6 +288,96 @@ class Registry:
         else:
             self._crashes = 0
             self._set("ready", f"{self.world_size} ranks loaded")
+
+    # --- adopting the group a restarted coordinator's workers still run ---------------------
+
+    def _claim_of(self, req: RegisterRequest) -> Assignment | None:
+        """The running assignment `req` announces, if this coordinator could adopt it."""
+        a = req.running
+        if a is None or req.worker_id is None:
+            return None
+        self._highest_seen = max(self._highest_seen, a.generation)
+        why = self._unadoptable(req, a)
+        if why is not None:
+            log.info(
+                "worker %s's engine (generation %d, rank %d) will be replaced: %s",
+                req.worker_id,
+                a.generation,
+                a.rank,
+                why,
+            )
+            return None
+        return a
+
+    def _unadoptable(self, req: RegisterRequest, a: Assignment) -> str | None:
+        """Why the engine `req` announces cannot join an adopted group, or None."""
+        if self.assignments or a.generation <= self.generation:
+            return f"this coordinator already formed generation {self.generation}"
+        if a.worker_id != req.worker_id or req.worker_id in self.workers:
+            return f"worker id {req.worker_id} does not fit its assignment or is taken"
+        if req.requested_rank is not None and req.requested_rank != a.rank:
+            return f"it asks for rank {req.requested_rank} but runs rank {a.rank}"
+        cfg = self._config
+        wanted = {
+            "world_size": self.world_size,
+            "model_name": cfg.model.name,
+            "model_path": cfg.model.path,
+            "dtype": cfg.model.dtype_request(),
+            "backend": cfg.parallelism.topology,
+        }
+        diffs = [f"{k}={getattr(a, k)!r}" for k, v in wanted.items() if getattr(a, k) != v]
+        return f"the config differs: it runs {', '.join(diffs)}" if diffs else None
+
+    def _adopt_or_form(self) -> bool:
+        """With no group: adopt the running one claimants announce once it is whole, wait
+        for the rest of it up to the heartbeat timeout, or else form a new group."""
+        claims = [r.claim for r in self.workers.values() if r.alive and r.claim is not None]
+        if claims:
+            newest = max(c.generation for c in claims)
+            group = [c for c in claims if c.generation == newest]
+            if _is_whole(group):
+                self._adopt(group)
+                return True
+            waited = self._clock() - (self._claims_since or self._clock())
+            if waited <= self._config.coordinator.heartbeat_timeout_seconds:
+                self._set(
+                    "forming",
+                    f"the coordinator restarted: waiting for generation {newest}'s ranks to "
+                    f"register again ({len(group)} of {group[0].world_size})",
+                )
+                return False
+            log.warning(
+                "not adopting generation %d: %d of its ranks came back; forming a new group",
+                newest,
+                len(group),
+            )
+            self._drop_claims()
+        return self._try_form()
+
+    def _adopt(self, group: list[Assignment]) -> None:
+        """Make `group` the current generation as it runs: same ranks, hostfile and plan."""
+        self._forget_dead()
+        self.generation = self._adopted = group[0].generation
+        # The agent's URL and CA path are its own; the coordinator's view keeps its own URL.
+        update = {"coordinator_url": self._coordinator_url, "tls_ca": None}
+        self.assignments = {
+            a.worker_id: a.model_copy(update=update) for a in sorted(group, key=lambda a: a.rank)
+        }
+        for a in group:
+            self.workers[a.worker_id].previous_rank = a.rank
+        self._drop_claims()
+        log.info(
+            "generation %d adopted as it runs (ranks %s, hostfile %s): engines keep their weights",
+            self.generation,
+            list(self.assignments),
+            group[0].hostfile,
+        )
+
+    def _drop_claims(self) -> None:
+        """Forget every claim (the claimants' agents replace their engines when told)."""
+        for rec in self.workers.values():
+            rec.claim = None
+        self._claims_since = None
 
     def _member_problem(self) -> str | None:
         """Why the current generation cannot serve, or None when it can."""
@@ -298,7 +430,8 @@ class Registry:
         )
 
     def _assign(self, ranked: list[Candidate], weights: list[float]) -> None:
-        self.generation += 1
+        # Past every generation an engine may still run, so none mistakes the new one for its.
+        self.generation = max(self.generation, self._highest_seen) + 1
         self._forget_dead()
         hostfile = build_hostfile(ranked, self._config.worker.collective_port_base)
         self.assignments = {
@@ -354,3 +487,13 @@ class Registry:
             )
             for listener in self.listeners:
                 listener(state, reason)
+
+
+def _is_whole(group: list[Assignment]) -> bool:
+    """Whether `group` holds each rank once and agrees on the hostfile and the plan."""
+    first = group[0]
+    return sorted(a.rank for a in group) == list(range(first.world_size)) and all(
+        (a.world_size, a.hostfile, a.plan_weights)
+        == (first.world_size, first.hostfile, first.plan_weights)
+        for a in group
+    )

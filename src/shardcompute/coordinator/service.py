@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from shardcompute.config import ClusterConfig
@@ -93,4 +94,5 @@ class Coordinator:
             heartbeat_timeout_seconds=self.config.coordinator.heartbeat_timeout_seconds,
             plan=loaded.plan if loaded else None,
             collectives_per_token=loaded.collectives_per_token if loaded else None,
+            coordinator_pid=os.getpid(),
         )

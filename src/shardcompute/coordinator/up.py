@@ -3,6 +3,10 @@
 Serves until Ctrl-C; with --prompt it answers one question and stops, with --chat it stops
 when the chat ends. Each child leads its own process group (agents keep their engines in
 theirs), so stopping a group stops everything under it and no process is left behind.
+
+A coordinator that dies is started again on the same port with the same cluster token; the
+agents keep their engines and register again, and it adopts their group, so the cluster
+serves again without reloading weights. With --tls (or explicit files) every hop is HTTPS.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -25,6 +28,7 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
+from shardcompute.certs import HostSpec, check_server_files, make_cluster_certs
 from shardcompute.client.chat import (
     MAX_TOKENS_HELP,
     ChatSession,
@@ -33,23 +37,26 @@ from shardcompute.client.chat import (
     api_client,
     chat,
     default_api_key,
+    failure_text,
     served_model,
 )
-from shardcompute.config import load_config
+from shardcompute.config import ClusterConfig, load_config
+from shardcompute.coordinator.children import Child, CoordinatorKeeper, spawn
 from shardcompute.errors import ShardComputeError
+from shardcompute.http_client import client_ssl_context, http_client
 from shardcompute.protocol import CLUSTER_TOKEN_ENV
-from shardcompute.worker.agent import ENGINE_COMMAND_ENV, die_with_parent
+from shardcompute.worker.agent import ENGINE_COMMAND_ENV
 
 console = Console(highlight=False, soft_wrap=True)
 
 
-@dataclass
-class Child:
-    """A started child process, its name and its log file."""
+@dataclass(frozen=True)
+class Tls:
+    """The coordinator's certificate and key, and the CA every client verifies it with."""
 
-    name: str
-    proc: subprocess.Popen
-    log: Path
+    cert: str
+    key: str
+    ca: str
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
         "--ready-timeout", type=float, default=600.0, help="seconds to wait for every rank to load"
     )
     p.add_argument("--log-dir", help="where child logs go (default: a new temp dir)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve HTTPS with a throwaway CA and certificate made in the log dir",
+    )
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (with --tls-key)")
+    p.add_argument("--tls-key", help="the certificate's private key")
+    p.add_argument("--tls-ca", help="the CA that workers and the client verify it against")
     then = p.add_mutually_exclusive_group()
     then.add_argument("--prompt", help="once ready, stream the answer to this, then stop")
     then.add_argument("--chat", action="store_true", help="once ready, chat; stop on /quit")
@@ -104,75 +119,74 @@ def _model_flags(model: str) -> list[str]:
     return ["--model", model]
 
 
-def _commands(args: argparse.Namespace, url: str) -> list[tuple[str, list[str]]]:
+def _commands(args: argparse.Namespace, url: str, tls: Tls | None) -> list[tuple[str, list[str]]]:
     py, config = sys.executable, (["--config", args.config] if args.config else [])
     base = free_port_block(args.workers)
+    serve_tls = ["--tls-cert", tls.cert, "--tls-key", tls.key] if tls else []
+    verify_tls = ["--tls-ca", tls.ca] if tls else []
     coordinator = [
         py, "-m", "shardcompute.coordinator", "--host", "127.0.0.1", "--port", str(args.port),
         "--world-size", str(args.workers), "--set", f"worker.collective_port_base={base}",
-        *_model_flags(args.model), *config,
+        *_model_flags(args.model), *config, *serve_tls,
     ]  # fmt: skip
     workers = [
         (f"worker {r}", [py, "-m", "shardcompute.worker.agent", "--coordinator-url", url,
-                         "--rank", str(r), *config])
+                         "--rank", str(r), *config, *verify_tls])
         for r in range(args.workers)
     ]  # fmt: skip
     return [("coordinator", coordinator), *workers]
 
 
-def start_children(args: argparse.Namespace, url: str, log_dir: Path) -> list[Child]:
+def start_children(
+    args: argparse.Namespace, url: str, log_dir: Path, tls: Tls | None = None
+) -> list[Child]:
     """Start the coordinator and the agents, sharing a fresh cluster token."""
     env = {**os.environ, CLUSTER_TOKEN_ENV: secrets.token_urlsafe(24)}
     if args.engine_command:
         env[ENGINE_COMMAND_ENV] = args.engine_command
-    children = []
-    for name, cmd in _commands(args, url):
-        log = log_dir / (name.replace(" ", "") + ".log")
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                # SIGTERM (an orderly stop) if `up` itself is killed and cannot clean up.
-                preexec_fn=partial(die_with_parent, signal.SIGTERM),
-            )
-        children.append(Child(name, proc, log))
-    return children
+    return [
+        spawn(name, cmd, env, log_dir / (name.replace(" ", "") + ".log"))
+        for name, cmd in _commands(args, url, tls)
+    ]
 
 
-def _check_alive(children: list[Child]) -> None:
+def _check_alive(children: list[Child], keeper: CoordinatorKeeper) -> None:
+    """Raise if an agent exited, or the coordinator died past the keeper's patience."""
+    keeper.check()
     for child in children:
         code = child.proc.poll()
-        if code is not None:
-            tail = child.log.read_text(errors="replace").strip().splitlines()[-15:]
+        if code is not None and child is not keeper.child:
             raise ShardComputeError(
-                f"{child.name} exited with code {code}; last lines of {child.log}:\n"
-                + "\n".join(tail)
+                f"{child.name} exited with code {code}; last lines of {child.log}:\n" + child.tail()
             )
 
 
-def wait_ready(url: str, children: list[Child], timeout: float) -> dict:
-    """Poll /ready until it answers 200; fail early if a child exits or the engines keep
+def wait_ready(
+    url: str,
+    children: list[Child],
+    timeout: float,
+    keeper: CoordinatorKeeper,
+    tls_ca: str | None = None,
+) -> dict:
+    """Poll /ready until it answers 200; fail early if an agent exits or the engines keep
     crashing (the coordinator gave up restarting them)."""
     deadline = time.monotonic() + timeout
     last: dict = {}
-    while time.monotonic() < deadline:
-        _check_alive(children)
-        try:
-            r = httpx.get(f"{url}/ready", timeout=2.0)
-            last = r.json()
-            if r.status_code == 200:
-                return last
-        except (httpx.HTTPError, ValueError):
-            pass
-        if "gave up" in last.get("reason", ""):
-            raise ShardComputeError(
-                f"the cluster cannot start: {last['reason']}{_errors(children)}"
-            )
-        time.sleep(0.25)
+    with http_client(url, ca_file=tls_ca, timeout=2.0) as http:
+        while time.monotonic() < deadline:
+            _check_alive(children, keeper)
+            try:
+                r = http.get("/ready")
+                last = r.json()
+                if r.status_code == 200:
+                    return last
+            except (httpx.HTTPError, ValueError):
+                pass
+            if "gave up" in last.get("reason", ""):
+                raise ShardComputeError(
+                    f"the cluster cannot start: {last['reason']}{_errors(children)}"
+                )
+            time.sleep(0.25)
     raise ShardComputeError(f"the cluster was not ready after {timeout:.0f}s: {last}")
 
 
@@ -214,25 +228,27 @@ def _on_sigterm(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def _serve(children: list[Child]) -> NoReturn:
-    """Serve until Ctrl-C (KeyboardInterrupt) or until a child dies (ShardComputeError)."""
+def _serve(children: list[Child], keeper: CoordinatorKeeper) -> NoReturn:
+    """Serve until Ctrl-C (KeyboardInterrupt) or until an agent dies (ShardComputeError)."""
     while True:
-        _check_alive(children)
+        _check_alive(children, keeper)
         time.sleep(0.5)
 
 
-def _talk(args: argparse.Namespace, url: str) -> int:
+def _talk(args: argparse.Namespace, url: str, config: ClusterConfig, tls: Tls | None) -> int:
     """--chat: the chat client on stdin. --prompt: one streamed answer; 1 if it failed."""
     settings = ChatSettings(max_tokens=args.max_tokens, temperature=args.temperature)
     # The key a --config may require; else the chat client's usual env vars.
-    api_key = load_config(args.config).security.api_key or default_api_key()
+    api_key = config.security.api_key or default_api_key()
+    ca = tls.ca if tls else None
     if args.chat:
-        return chat(url, api_key, settings, console)
-    with api_client(url, api_key) as http:
+        return chat(url, api_key, settings, console, tls_ca=ca)
+    with api_client(url, api_key, tls_ca=ca) as http:
         try:
             session = ChatSession(http, served_model(http), settings, console)
         except (ServerError, httpx.HTTPError) as e:
-            raise ShardComputeError(f"cannot reach the cluster's API at {url}/v1: {e}") from None
+            why = failure_text(e, url, ca)
+            raise ShardComputeError(f"cannot reach the cluster's API at {url}/v1: {why}") from None
         console.print(f"[bold green]you>[/bold green] {escape(args.prompt)}")
         return 0 if session.turn(args.prompt) else 1
 
@@ -247,35 +263,65 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ShardComputeError(f"port {args.port} on 127.0.0.1 is in use; pick one with --port")
 
 
+def _tls(args: argparse.Namespace, config: ClusterConfig, log_dir: Path) -> Tls | None:
+    """The TLS files: given (flags, else the config's security.tls_*), or with --tls made
+    fresh in the log dir; None for plain HTTP."""
+    sec = config.security
+    given = [args.tls_cert or sec.tls_cert, args.tls_key or sec.tls_key, args.tls_ca or sec.tls_ca]
+    if given[0] or given[1] or args.tls_ca:
+        if not all(given):
+            raise ShardComputeError(
+                "--tls-cert, --tls-key and --tls-ca go together (--tls alone makes throwaway ones)"
+            )
+        check_server_files(given[0], given[1])
+        client_ssl_context(given[2])
+        return Tls(*(str(Path(f).expanduser().resolve()) for f in given))
+    if not args.tls:
+        return None
+    host = HostSpec("coordinator", ("127.0.0.1", "localhost"))
+    files = make_cluster_certs(log_dir / "tls", [host], days=30)[0]
+    return Tls(str(files.cert), str(files.key), str(files.ca))
+
+
 def up_main(argv: list[str] | None = None) -> int:
     """Entry point of `shardcompute up`: start, wait for ready, then serve, answer or chat."""
     args = _parser().parse_args(argv)
     try:
         _check_args(args)
+        config = load_config(args.config)
+        log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="shardcompute-up-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        tls = _tls(args, config, log_dir)
     except ShardComputeError as e:
         console.print(f"error: {escape(str(e))}")
         return 2
     # Started in the background by a script, we may inherit SIGINT ignored; take it back.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    url = f"http://127.0.0.1:{args.port}"
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="shardcompute-up-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    return _run(args, config, log_dir, tls)
+
+
+def _run(args: argparse.Namespace, config: ClusterConfig, log_dir: Path, tls: Tls | None) -> int:
+    """Start the cluster and keep its coordinator up; serve, answer or chat; then stop all."""
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{args.port}"
     children: list[Child] = []
+    keeper = None
     try:
-        children = start_children(args, url, log_dir)
+        children = start_children(args, url, log_dir, tls)
+        keeper = CoordinatorKeeper(children[0], lambda m: console.print(f"[yellow]{escape(m)}"))
+        keeper.start()
         console.print(
             f"ShardCompute coordinator at {url} with {args.workers} workers "
             f"(logs in {log_dir}); loading {args.model}..."
         )
-        state = wait_ready(url, children, args.ready_timeout)
+        state = wait_ready(url, children, args.ready_timeout, keeper, tls.ca if tls else None)
         talk = args.prompt is not None or args.chat
         hint = "" if talk else " Ctrl-C stops the cluster."
         console.print(f"ready: {url}/v1 serves {args.model!r} ({state['reason']}).{hint}")
         console.print(f"dashboard: {url}/")
         if talk:
-            return _talk(args, url)
-        _serve(children)
+            return _talk(args, url, config, tls)
+        _serve(children, keeper)
     except KeyboardInterrupt:
         return 0
     except ShardComputeError as e:
@@ -284,6 +330,8 @@ def up_main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip cleanup
         console.print("stopping...")
+        if keeper is not None:
+            keeper.stop()  # first, so that no coordinator is started while stopping
         stop_children(children)
 
 

@@ -29,6 +29,7 @@ import httpx
 from shardcompute.config import load_config, resolve_cluster_token
 from shardcompute.dtypes import policy_env, resolve
 from shardcompute.errors import ShardComputeError
+from shardcompute.http_client import http_client, tls_failure
 from shardcompute.protocol import (
     CLUSTER_TOKEN_ENV,
     Assignment,
@@ -47,6 +48,9 @@ from shardcompute.runtime import detect_device
 log = logging.getLogger("shardcompute.worker")
 
 ENGINE_COMMAND_ENV = "SHARDCOMPUTE_ENGINE_COMMAND"
+# After a failed heartbeat or a new registration, beat again this soon, not an interval
+# later: a restarted coordinator then hears from us (and our engine's PID) at once.
+RETRY_SECONDS = 0.5
 DEFAULT_ENGINE_COMMAND = [sys.executable, "-m", "shardcompute.worker.engine"]
 
 
@@ -127,7 +131,17 @@ class EngineProcess:
         self._work_dir = work_dir
         self._env = env
         self._proc: subprocess.Popen | None = None
-        self.generation: int | None = None
+        self.assignment: Assignment | None = None  # what the engine runs
+
+    @property
+    def generation(self) -> int | None:
+        """The generation the engine runs, None when there is none."""
+        return self.assignment.generation if self.assignment else None
+
+    @property
+    def pid(self) -> int | None:
+        """The engine's process id while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def start(self, assignment: Assignment) -> None:
         """Replace any running engine with one for `assignment`."""
@@ -150,7 +164,7 @@ class EngineProcess:
         # Same process group as the agent: whoever stops the agent's group stops the engine;
         # and if the agent alone is killed, the engine dies too rather than hold its port.
         self._proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
-        self.generation = assignment.generation
+        self.assignment = assignment
 
     def state(self) -> tuple[EngineState, int | None]:
         """The engine's state and, once it exited, its exit code."""
@@ -166,7 +180,7 @@ class EngineProcess:
         generation changes only after a rank is lost), so it has no orderly exit to make,
         and it may be stuck in a collective; waiting would stall the heartbeats.
         """
-        proc, self._proc, self.generation = self._proc, None, None
+        proc, self._proc, self.assignment = self._proc, None, None
         if proc is None or proc.poll() is not None:
             return
         if grace_seconds > 0:
@@ -210,6 +224,7 @@ class AgentSettings:
     collective_port: int | None = None
     requested_rank: int | None = None
     shard_dir: str | None = None
+    tls_ca: str | None = None  # verify the coordinator's certificate against this CA file
     engine_command: list[str] = field(default_factory=lambda: list(DEFAULT_ENGINE_COMMAND))
     connect_timeout_seconds: float = 120.0
     mlx_probe: bool = True
@@ -220,31 +235,35 @@ class Agent:
 
     def __init__(self, settings: AgentSettings, work_dir: Path):
         self.settings = settings
-        self._http = httpx.Client(
-            base_url=settings.coordinator_url.rstrip("/") + "/internal/v1",
-            headers={"Authorization": f"Bearer {settings.cluster_token}"},
-            timeout=10.0,
+        self._http = http_client(
+            settings.coordinator_url.rstrip("/") + "/internal/v1",
+            ca_file=settings.tls_ca,
+            token=settings.cluster_token,
         )
         env = {**os.environ, CLUSTER_TOKEN_ENV: settings.cluster_token}
         self.engine = EngineProcess(settings.engine_command, work_dir, env)
         self._facts = device_facts(settings.mlx_probe)
         self.worker_id: str | None = None
+        self.loaded = False  # whether the coordinator saw our engine's assignment load
         self.interval = 2.0
+        self._unreachable = False  # the last heartbeat failed: log once until it works
 
     def run(self, stop: threading.Event) -> None:
         """Register, then beat every interval until `stop` is set; the engine stops with us."""
         try:
             self.register()
             while not stop.is_set():
-                self.beat()
-                stop.wait(self.interval)
+                steady = self.beat()
+                stop.wait(self.interval if steady else RETRY_SECONDS)
         finally:
             self.engine.stop()
             self._http.close()
 
     def register(self) -> None:
-        """Join the cluster, retrying while the coordinator is unreachable."""
+        """Join the cluster, retrying while the coordinator is unreachable. Joining again, it
+        announces the engine it runs, which a restarted coordinator may keep."""
         s = self.settings
+        running = self.engine.assignment if self.engine.state()[0] == "running" else None
         request = RegisterRequest(
             facts=self._facts,
             address=s.address,
@@ -252,6 +271,9 @@ class Agent:
             requested_rank=s.requested_rank,
             shard_dir=s.shard_dir,
             agent_pid=os.getpid(),
+            worker_id=self.worker_id,
+            running=running,
+            loaded=running is not None and self.loaded,
         )
         deadline = time.monotonic() + s.connect_timeout_seconds
         while True:
@@ -259,6 +281,9 @@ class Agent:
                 reply = self._call("/workers/register", request, RegisterResponse)
                 break
             except httpx.TransportError as e:
+                problem = tls_failure(e, s.coordinator_url, s.tls_ca)
+                if problem is not None:  # a certificate will not verify by waiting
+                    raise Refused(f"cannot register: {problem}") from None
                 if time.monotonic() > deadline:
                     raise Refused(
                         f"cannot reach the coordinator at {s.coordinator_url}: {e}"
@@ -272,23 +297,46 @@ class Agent:
             reply.cluster_state,
         )
 
-    def beat(self) -> None:
-        """One heartbeat; start, restart or stop the engine as the reply says."""
+    def beat(self) -> bool:
+        """One heartbeat; start, restart or stop the engine as the reply says. False when
+        the next one should come soon: this one failed, or we just registered again."""
         state, code = self.engine.state()
         beat = Heartbeat(
-            generation=self.engine.generation, engine_state=state, engine_exit_code=code
+            generation=self.engine.generation,
+            engine_state=state,
+            engine_exit_code=code,
+            engine_pid=self.engine.pid,
         )
         try:
             reply = self._call(f"/workers/{self.worker_id}/heartbeat", beat, HeartbeatResponse)
         except UnknownWorker:
-            log.warning("the coordinator forgot worker %s; registering again", self.worker_id)
-            self.engine.stop(grace_seconds=0)
-            self.register()
-            return
+            self._register_again()
+            return False
         except (httpx.TransportError, httpx.HTTPStatusError) as e:
-            log.warning("heartbeat failed (%s); retrying", e)
-            return
+            # Once per outage: a coordinator down for an hour must not flood the log.
+            level = logging.DEBUG if self._unreachable else logging.WARNING
+            log.log(level, "heartbeat failed (%s); retrying every %.1fs", e, RETRY_SECONDS)
+            self._unreachable = True
+            return False
+        if self._unreachable:
+            log.info("the coordinator answers heartbeats again")
+            self._unreachable = False
         self._follow(reply.assignment)
+        self.loaded = reply.loaded and self.engine.generation == (
+            reply.assignment.generation if reply.assignment else None
+        )
+        return True
+
+    def _register_again(self) -> None:
+        # The engine keeps running: a restarted coordinator may adopt its group whole.
+        log.warning(
+            "the coordinator does not know worker %s (it restarted, or declared us dead); "
+            "registering again with our engine's assignment (generation %s)",
+            self.worker_id,
+            self.engine.generation,
+        )
+        self.register()
+        self._unreachable = False
 
     def _follow(self, assignment: Assignment | None) -> None:
         if assignment is None:
@@ -296,10 +344,15 @@ class Agent:
                 self.engine.stop(grace_seconds=0)
             return
         if assignment.generation != self.engine.generation:
-            # The coordinator may not know the URL we reach it by; ours works from here.
-            self.engine.start(
-                assignment.model_copy(update={"coordinator_url": self.settings.coordinator_url})
-            )
+            # The coordinator may not know the URL we reach it by, nor our CA's path; ours
+            # work from here.
+            local = {"coordinator_url": self.settings.coordinator_url, "tls_ca": self._ca_path()}
+            self.engine.start(assignment.model_copy(update=local))
+
+    def _ca_path(self) -> str | None:
+        # Absolute: the engine must find the file whatever its working directory.
+        ca = self.settings.tls_ca
+        return str(Path(ca).expanduser().resolve()) if ca else None
 
     def _call(self, path: str, body: Message, reply_type: type[M]) -> M:
         response = self._http.post(
@@ -339,6 +392,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="cluster config YAML (for the token and defaults)")
     p.add_argument(
+        "--tls-ca",
+        help="verify the coordinator's https:// certificate against this CA file (security.tls_ca)",
+    )
+    p.add_argument(
         "--engine-command",
         help=f"engine command to run instead of the real engine "
         f"(also ${ENGINE_COMMAND_ENV}); '--assignment PATH' is appended",
@@ -355,11 +412,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> AgentSettings:
     """Agent settings from flags, the config file and the environment."""
-    config = load_config(args.config)
+    config = load_config(args.config, {"security.tls_ca": args.tls_ca})
+    tls_ca = config.security.tls_ca
     url = args.coordinator_url
     if url is None:
-        host = config.coordinator.host
-        url = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{config.coordinator.port}"
+        host, scheme = config.coordinator.host, "https" if tls_ca else "http"
+        url = f"{scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{config.coordinator.port}"
     token = resolve_cluster_token(config.security, create=False)
     if token is None:
         raise Refused(
@@ -375,6 +433,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         collective_port=args.port,
         requested_rank=args.rank,
         shard_dir=args.shard_dir,
+        tls_ca=tls_ca,
         engine_command=shlex.split(command) if command else list(DEFAULT_ENGINE_COMMAND),
         connect_timeout_seconds=args.connect_timeout,
     )

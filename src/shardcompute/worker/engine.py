@@ -38,6 +38,7 @@ from shardcompute.engine.generate import GenerationResponse, generate_step, stre
 from shardcompute.engine.job import ModelSpec
 from shardcompute.engine.params import SamplingParams
 from shardcompute.engine.rank_main import encode_prompt, load_spec, stop_ids, tokenizer_for
+from shardcompute.http_client import http_client
 from shardcompute.model.llama import Model, collectives_per_forward
 from shardcompute.protocol import (
     CLUSTER_TOKEN_ENV,
@@ -87,10 +88,12 @@ class Queue:
 
     def __init__(self, a: Assignment, token: str):
         self.a = a
-        self.http = httpx.Client(
-            base_url=a.coordinator_url.rstrip("/") + "/internal/v1",
-            headers={"Authorization": f"Bearer {token}", "content-type": "application/json"},
+        self.http = http_client(
+            a.coordinator_url.rstrip("/") + "/internal/v1",
+            ca_file=a.tls_ca,
+            token=token,
             timeout=POLL_SECONDS + 10.0,
+            headers={"content-type": "application/json"},
         )
 
     def post(self, path: str, message) -> httpx.Response:
