@@ -34,13 +34,21 @@ def run_ranks(case: dict, out: Path) -> dict:
     return result
 
 
-def dense_reference(model_src, dtype, prompt: list[int], max_tokens: int = 64) -> dict:
+def dense_reference(
+    model_src, dtype, prompt: list[int], max_tokens: int = 64, sample: bool = True
+) -> dict:
     """The same measurements from the whole model in this process. `dtype`: a name, or the
     fields of a DtypeRequest."""
     model = load_model(model_src, DtypeRequest.model_validate(dtype_request(dtype)))
     logits = np.array(model(mx.array([prompt]))[0].astype(mx.float32))
     tokens = generate_tokens(model, prompt, max_tokens=max_tokens)
-    return {"logits": logits, "tokens": tokens, "sampled": sampled_tokens(model, prompt)}
+    sampled = sampled_tokens(model, prompt) if sample else []
+    return {"logits": logits, "tokens": tokens, "sampled": sampled}
+
+
+def greedy_prefix(tokens: list[int], ref: list[int]) -> int:
+    """How many greedy tokens agree before the first difference."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, ref, strict=True)) if a != b), len(ref))
 
 
 # Seeded temperature sampling must give the same tokens at every world size (Gumbel-max).

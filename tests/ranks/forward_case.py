@@ -42,7 +42,7 @@ def main() -> None:
     counts = dict(comm.counts)
     logits = np.array(logits[0].astype(mx.float32))
     tokens = generate_tokens(model, prompt, max_tokens=case.get("max_tokens", 64))
-    sampled = generate_tokens(model, prompt, **case["sample"])
+    sampled = generate_tokens(model, prompt, **case["sample"]) if case["sample"] else []
     full = model(mx.array([prompt + tokens]))
     recomputed = np.array(full[0].argmax(-1)).tolist()[len(prompt) - 1 : -1]
     if comm.rank == 0:

@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="per-rank plan weights for world size 2, e.g. 2,1")
     p.add_argument("--group-size", type=int, help="quantized: columns per scale (default 64)")
     p.add_argument("--allow-tf32", action="store_true", help="float32 matmuls as TF32 on CUDA")
+    p.add_argument("--reduce-dtype", help="all-reduce payloads in this dtype (e.g. float32)")
     p.add_argument(
         "--compare",
         action="store_true",
@@ -121,6 +122,7 @@ def dtype_request(args, dtype: str) -> DtypeRequest:
     return DtypeRequest(
         dtype=dtype,
         group_size=args.group_size if quantized else None,
+        reduce_dtype=args.reduce_dtype,
         allow_tf32=args.allow_tf32,
     )
 
