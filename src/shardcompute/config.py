@@ -90,11 +90,13 @@ class ModelConfig(_Section):
 
 
 class SecurityConfig(_Section):
-    """Shared secrets: workers present the cluster token, API clients the API key."""
+    """Shared secrets: workers present the cluster token, API clients the API key, and a
+    metrics scraper the metrics token (else the API key, when one is set)."""
 
     cluster_token: str | None = None
     cluster_token_file: str = "~/.shardcompute/cluster_token"
     api_key: str | None = None
+    metrics_token: str | None = None
 
 
 class ClusterConfig(_Section):

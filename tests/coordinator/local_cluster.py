@@ -21,6 +21,7 @@ class LocalCluster(Processes):
 
     def __init__(self, tmp: Path, world_size: int = 2, api_key: str | None = None, **config):
         self.tmp = tmp
+        self.api_key = api_key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = tmp / "cluster.yaml"
@@ -79,8 +80,12 @@ class LocalCluster(Processes):
         except httpx.HTTPError:
             return False
 
+    def auth(self) -> dict[str, str]:
+        """The header that opens /cluster, /metrics and /v1 when an API key is set."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def cluster(self) -> dict:
-        return httpx.get(f"{self.url}/cluster", timeout=5).json()
+        return httpx.get(f"{self.url}/cluster", headers=self.auth(), timeout=5).json()
 
     def wait_state(self, state: str, timeout: float = 20) -> dict:
         return wait_for(
@@ -115,12 +120,12 @@ def real_agent_command(url: str, rank: int | None = None) -> list[str]:
 
 
 def start_real_cluster(
-    tmp: Path, model_path: Path, world_size: int = 2, **env: str
+    tmp: Path, model_path: Path, world_size: int = 2, api_key: str | None = None, **env: str
 ) -> LocalCluster:
     """A coordinator and `world_size` agents running the real engine on float32 weights of
     `model_path`, waited on until ready. `env` is added to every process's environment
     (SHARDCOMPUTE_SECTION__KEY settings override the config file)."""
-    cluster = LocalCluster(tmp, world_size, request_timeout=120)
+    cluster = LocalCluster(tmp, world_size, api_key=api_key, request_timeout=120)
     with cluster.config.open("a") as f:
         f.write(f"model:\n  name: {REAL_MODEL}\n  path: {model_path}\n  dtype: float32\n")
     cluster.env.update(env)
