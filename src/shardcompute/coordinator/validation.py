@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Protocol
 
 from jinja2.exceptions import TemplateError
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, WithJsonSchema
+from pydantic import BeforeValidator, Field, ValidationInfo, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from shardcompute.coordinator.http_errors import ApiError
@@ -28,10 +28,12 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_SEQUENCES = 4  # as OpenAI: each one is matched against the text after every token
 
 
-def _utf8(value: str) -> str:
+def _utf8(value: Any) -> Any:
     # JSON can carry a lone UTF-16 surrogate ("\ud800"); UTF-8, and so the engine, cannot.
+    # Checked before pydantic's own str checks, whose message for it is vaguer.
     try:
-        value.encode("utf-8")
+        if isinstance(value, str):
+            value.encode("utf-8")
     except UnicodeEncodeError as e:
         raise PydanticCustomError(
             "invalid_text",
@@ -42,8 +44,8 @@ def _utf8(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_utf8)]
-NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_utf8)]
+Text = Annotated[str, BeforeValidator(_utf8)]
+NonEmptyText = Annotated[str, Field(min_length=1), BeforeValidator(_utf8)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Probability = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]

@@ -42,9 +42,9 @@ def read_model_info(model: str, shard_dir: str | Path | None = None) -> ModelInf
         return ModelInfo(dummy_args(model[len(DUMMY_PREFIX) :]), ByteTokenizer(), model)
     if shard_dir is not None:
         shard_dir = Path(shard_dir)
-        saved = shard_dir / "tokenizer"
+        args, saved = shard_args(shard_dir), shard_dir / "tokenizer"
         tokenizer = load_tokenizer(saved if saved.is_dir() else resolve_model(model))
-        return ModelInfo(shard_args(shard_dir), tokenizer, str(shard_dir))
+        return ModelInfo(args, tokenizer, str(shard_dir))
     path = resolve_model(model)
     return ModelInfo(checkpoint_args(path), load_tokenizer(path), str(path))
 
