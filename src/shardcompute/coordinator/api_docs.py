@@ -109,11 +109,19 @@ _WHY = {
     504: "The engine did not finish within coordinator.request_timeout_seconds.",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
+# OpenAPI 3.1: the schema of an event-stream entry describes one event.
 _SSE = {
     "schema": {
-        "type": "string",
-        "description": "With stream=true: `data: <chunk JSON>` events, then `data: [DONE]`. "
-        "A failure after the first event arrives as an event holding an error body.",
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string"},
+            "data": {
+                "type": "string",
+                "description": "A chunk as JSON (an error body as JSON if the engine failed "
+                "after the first event), then [DONE].",
+            },
+        },
     }
 }
 
@@ -140,8 +148,9 @@ PLAIN_TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 
 # --- the document ----------------------------------------------------------------------------
 
 
-def openapi_document(app: FastAPI, security: SecurityConfig) -> dict[str, Any]:
-    """The app's OpenAPI document, with FastAPI's 422s removed and the credentials added."""
+def openapi_document(app: FastAPI, security: SecurityConfig, model_id: str) -> dict[str, Any]:
+    """The app's OpenAPI document, with FastAPI's 422s removed, the credentials added, and
+    `model` naming the one model served (any other is a 404)."""
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     schemes: dict[str, Any] = {}
     for path, operations in doc["paths"].items():
@@ -155,17 +164,23 @@ def openapi_document(app: FastAPI, security: SecurityConfig) -> dict[str, Any]:
     components = doc.setdefault("components", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         components.get("schemas", {}).pop(unused, None)
-    components["schemas"].update(_exact_request_schemas())
+    components["schemas"].update(_exact_request_schemas(model_id))
     if schemes:
         components["securitySchemes"] = schemes
     return doc
 
 
-def _exact_request_schemas() -> dict[str, Any]:
+def _exact_request_schemas(model_id: str) -> dict[str, Any]:
     """The request bodies' schemas straight from pydantic: FastAPI's document model stores
     bounds as floats, and 2**63 - 1 (the largest seed) does not survive that."""
     models = [(m, "validation") for m in (ChatCompletionRequest, CompletionRequest)]
     _, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        top["$defs"][name]["properties"]["model"] = {
+            "type": "string",
+            "enum": [model_id],
+            "description": "The model this cluster serves; any other is a 404.",
+        }
     return top["$defs"]
 
 

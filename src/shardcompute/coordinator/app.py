@@ -117,7 +117,9 @@ def _add_openapi_route(app: FastAPI) -> None:
     async def openapi(request: Request) -> JSONResponse:
         """The OpenAPI document of the public routes (built once)."""
         if not document:
-            document.update(openapi_document(app, coordinator_of(request).config.security))
+            coordinator = coordinator_of(request)
+            security, model_id = coordinator.config.security, coordinator.model_id
+            document.update(openapi_document(app, security, model_id))
         return JSONResponse(document)
 
 
@@ -137,6 +139,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # Starlette's own 404/405 (with Allow) and body-parsing errors, in OpenAI's shape.
         message = f"{exc.detail}: {request.method} {request.url.path}"
+        if exc.status_code == 400:  # FastAPI could not decode the body at all
+            message += ": send a JSON object, encoded as UTF-8"
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         body = error_body(message, kind)
         return ErrorResponse(body, status_code=exc.status_code, headers=exc.headers)

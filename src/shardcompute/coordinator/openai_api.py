@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from shardcompute.coordinator.validation import (
     MessageContent,
@@ -61,7 +61,9 @@ class _SamplingRequest(_Strict):
     stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, description="Only 1 is supported.")
+    n: Annotated[int | None, WithJsonSchema({"enum": [1, None]})] = Field(
+        None, description="Only 1 is supported."
+    )
     logit_bias: unsupported("token biases are not applied", {}) = None
     logprobs: unsupported(NO_LOGPROBS, False) = None
     presence_penalty: unsupported(NO_PENALTY, 0) = None

@@ -63,11 +63,23 @@ def _one_prompt(value: Any) -> Any:
     return value
 
 
-# A string, or OpenAI's list form holding exactly one string.
+# A non-empty string, or OpenAI's list form holding exactly one.
 Prompt = Annotated[
-    Text,
+    NonEmptyText,
     BeforeValidator(_one_prompt),
-    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "string", "minLength": 1},
+                    "minItems": 1,
+                    "maxItems": 1,
+                },
+            ]
+        }
+    ),
 ]
 
 
