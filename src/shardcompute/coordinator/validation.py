@@ -266,12 +266,13 @@ class Door:
             return budget
         field = "messages" if body.kind == "chat" else "prompt"
         room = max(context - prompt_tokens, 0)
+        param = "max_tokens" if asked is not None and room > 0 else field
         raise ApiError(
-            f"this model's context is {context} tokens, but the request needs "
+            f"{param}: this model's context is {context} tokens, but the request needs "
             f"{prompt_tokens + max(budget, 1)}: {prompt_tokens} in the {field} and "
             f"max_tokens={max(budget, 1)} for the completion; shorten the {field} or ask for "
             f"at most {room} tokens",
-            param="max_tokens" if asked is not None and room > 0 else field,
+            param=param,
             code="context_length_exceeded",
         )
 
@@ -289,7 +290,12 @@ def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
             reason = err.get("ctx", {}).get("error", "")
             problems.append(f"request body is not valid JSON: {reason}")
             continue
-        if not loc and err["type"] in ("model_attributes_type", "dict_type", "model_type"):
+        if not loc and err["type"] in (
+            "model_attributes_type",
+            "dict_type",
+            "model_type",
+            "missing",
+        ):
             problems.append(
                 "request body must be a JSON object with Content-Type: application/json"
             )
