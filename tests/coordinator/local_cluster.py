@@ -21,9 +21,9 @@ class LocalCluster(Processes):
 
     def __init__(self, tmp: Path, world_size: int = 2, api_key: str | None = None, **config):
         self.tmp = tmp
-        self.api_key = api_key
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
         self.config = tmp / "cluster.yaml"
         lines = [
             "coordinator:",
@@ -80,12 +80,13 @@ class LocalCluster(Processes):
         except httpx.HTTPError:
             return False
 
+    def cluster(self) -> dict:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return httpx.get(f"{self.url}/cluster", headers=headers, timeout=5).json()
+
     def auth(self) -> dict[str, str]:
         """The header that opens /cluster, /metrics and /v1 when an API key is set."""
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def cluster(self) -> dict:
-        return httpx.get(f"{self.url}/cluster", headers=self.auth(), timeout=5).json()
 
     def wait_state(self, state: str, timeout: float = 20) -> dict:
         return wait_for(

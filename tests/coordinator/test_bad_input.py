@@ -320,8 +320,8 @@ def run_schemathesis(cluster: LocalCluster, tmp: Path) -> tuple[dict, Counter]:
         SCHEMATHESIS_HOOKS="schemathesis_hooks", SHARDCOMPUTE_TEST_STATUS_LOG=str(statuses)
     )
     env["PYTHONPATH"] = f"{Path(__file__).parent}:{env['PYTHONPATH']}"
-    out = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=SCHEMATHESIS_SECONDS + 90
+    out = subprocess.run(  # in tmp: schemathesis keeps a cache in its working directory
+        cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=SCHEMATHESIS_SECONDS + 90
     )
     assert report.is_file(), out.stdout[-5000:] + out.stderr[-3000:]
     counts = Counter(line.split()[0] for line in statuses.read_text().splitlines())
