@@ -63,23 +63,20 @@ def _one_prompt(value: Any) -> Any:
     return value
 
 
+def _text_or_list(max_items: int, min_items: int = 0) -> dict[str, Any]:
+    """JSON Schema of a non-empty string, or a list of such strings."""
+    text = {"type": "string", "minLength": 1}
+    return {
+        "anyOf": [
+            text,
+            {"type": "array", "items": text, "minItems": min_items, "maxItems": max_items},
+        ]
+    }
+
+
 # A non-empty string, or OpenAI's list form holding exactly one.
 Prompt = Annotated[
-    NonEmptyText,
-    BeforeValidator(_one_prompt),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "minLength": 1},
-                {
-                    "type": "array",
-                    "items": {"type": "string", "minLength": 1},
-                    "minItems": 1,
-                    "maxItems": 1,
-                },
-            ]
-        }
-    ),
+    NonEmptyText, BeforeValidator(_one_prompt), WithJsonSchema(_text_or_list(1, min_items=1))
 ]
 
 
@@ -123,18 +120,7 @@ Stop = Annotated[
     list[NonEmptyText],
     Field(max_length=MAX_STOP_SEQUENCES),
     BeforeValidator(_stop_list),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "minLength": 1},
-                {
-                    "type": "array",
-                    "items": {"type": "string", "minLength": 1},
-                    "maxItems": MAX_STOP_SEQUENCES,
-                },
-            ]
-        }
-    ),
+    WithJsonSchema(_text_or_list(MAX_STOP_SEQUENCES)),
 ]
 
 
