@@ -4,6 +4,7 @@ credential, a wrong one and the right one; failed attempts are logged at a bound
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import httpx
@@ -80,7 +81,10 @@ def test_public_routes(coordinator, method, path, body, needs, ok):
     refused(call(cluster, method, path, body, "guess"), f"wrong {what}")
     if right != API_KEY:  # the API key does not open what has a token of its own
         refused(call(cluster, method, path, body, API_KEY), f"wrong {what}")
-    assert call(cluster, method, path, body, right).status_code == ok
+    answer = call(cluster, method, path, body, right)
+    assert answer.status_code == ok
+    if ok == 503:  # no workers yet: not ready, and says when to retry
+        assert answer.headers["retry-after"] == "5"
 
 
 @pytest.mark.parametrize("method, path, body, ok", INTERNAL_ROUTES)
@@ -124,3 +128,17 @@ def test_failed_attempts_are_logged_at_a_bounded_rate(coordinator):
             http.get("/cluster", headers={"Authorization": f"Bearer guess{i}"})
     logged = log.read_text().count("401 ") - before
     assert logged <= 5, f"{logged} lines for 200 failed attempts"
+
+
+def test_a_model_the_coordinator_cannot_read_stops_it_with_the_reason(tmp_path):
+    """The door needs the model's tokenizer: without it the coordinator does not start."""
+    cluster = LocalCluster(tmp_path)
+    absent = tmp_path / "absent.gguf"
+    cmd = [sys.executable, "-m", "shardcompute.coordinator", "--config", str(cluster.config),
+           "--set", f"model.path={absent}"]  # fmt: skip
+    try:
+        assert cluster.spawn("coordinator", cmd).wait(60) == 2
+    finally:
+        cluster.stop()
+    log = cluster.log("coordinator")
+    assert f"error: model '{absent}' not found" in log and "Traceback" not in log, log

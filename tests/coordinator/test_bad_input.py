@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import httpx
 import pytest
 from local_cluster import API_KEY, REAL_MODEL, LocalCluster, start_real_cluster
 
-from processes import child_env, descendants
+from processes import child_env, descendants, wait_for
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 QUESTION = "What is the capital of France?"
@@ -195,9 +196,20 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, smollm2_gguf) -> Iterator[LocalCluster]:
+def expected(greedy_chat_reply) -> str:
+    """The dense model's greedy reply: computed first, while no engine competes for the CPU."""
+    return greedy_chat_reply(QUESTION, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, smollm2_gguf, expected) -> Iterator[LocalCluster]:
     """Two workers running the real engine, behind an API key."""
-    cluster = start_real_cluster(tmp_path_factory.mktemp("bad"), smollm2_gguf, api_key=API_KEY)
+    cluster = start_real_cluster(
+        tmp_path_factory.mktemp("bad"),
+        smollm2_gguf,
+        api_key=API_KEY,
+        SHARDCOMPUTE_COORDINATOR__MAX_QUEUED_REQUESTS="1",  # a second waiting request is a 429
+    )
     try:
         yield cluster
     finally:
@@ -265,8 +277,7 @@ def test_no_engine_restarted_during_the_corpus(cluster, before):
     assert engine_pids(cluster) == before["engines"]
 
 
-def test_a_normal_request_after_the_corpus_gets_the_greedy_text(cluster, greedy_chat_reply):
-    expected = greedy_chat_reply(QUESTION, MAX_TOKENS)
+def test_a_normal_request_after_the_corpus_gets_the_greedy_text(cluster, expected):
     body = chat(messages=[{"role": "user", "content": QUESTION}], temperature=0)
     r = httpx.post(
         cluster.url + CHAT,
@@ -283,6 +294,24 @@ def test_without_max_tokens_a_chat_may_use_the_rest_of_the_context(cluster):
     body = chat(messages=[{"role": "user", "content": QUESTION}], temperature=0)
     r = httpx.post(cluster.url + CHAT, json=body, headers=cluster.auth(), timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_full_queue_answers_429_with_retry_after(cluster):
+    url, headers = cluster.url + COMPLETIONS, cluster.auth()
+    long = completion(prompt="Once upon a time", max_tokens=500, stream=True)
+    short = completion(max_tokens=2)
+    with ThreadPoolExecutor(1) as pool:
+        with httpx.stream("POST", url, json=long, headers=headers, timeout=60) as running:
+            next(line for line in running.iter_lines() if line.startswith("data: {"))
+            waiting = pool.submit(httpx.post, url, json=short, headers=headers, timeout=60)
+            wait_for(lambda: cluster.cluster()["queue_depth"] == 1, 10, "a waiting request")
+            full = httpx.post(url, json=short, headers=headers, timeout=10)
+        # Hanging up on the running request lets the waiting one through.
+        assert waiting.result().status_code == 200
+    assert full.status_code == 429 and full.headers["retry-after"] == "1"
+    error = full.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
+    assert "coordinator.max_queued_requests=1" in error["message"]
 
 
 def test_the_coordinator_never_loaded_mlx(cluster, before):
