@@ -78,6 +78,7 @@ class _SamplingRequest(_Strict):
 
     @property
     def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def requested_max_tokens(self) -> int | None:
@@ -85,9 +86,11 @@ class _SamplingRequest(_Strict):
         return self.max_tokens
 
     def engine_messages(self) -> list[ChatMessage] | None:
+        """The conversation as the engine takes it (None: a completion)."""
         return None
 
     def engine_prompt(self) -> str | None:
+        """The raw prompt (None: a chat)."""
         return None
 
 
@@ -110,6 +113,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens or self.max_tokens
 
     def engine_messages(self) -> list[ChatMessage]:
+        """The conversation as the engine takes it."""
         return [m.to_protocol() for m in self.messages]
 
 
@@ -122,6 +126,7 @@ class CompletionRequest(_SamplingRequest):
     suffix: unsupported("insertion after a suffix is not supported", "") = None
 
     def engine_prompt(self) -> str:
+        """The one prompt string."""
         return self.prompt
 
 

@@ -167,7 +167,6 @@ class SamplingBody(Protocol):
     """What the door reads from a parsed chat or completion request (see openai_api.py)."""
 
     kind: str
-    max_tokens: int | None
     temperature: float
     top_p: float
     top_k: int
@@ -266,6 +265,10 @@ class Door:
 # --- how a failed parse is told to the client --------------------------------------------------
 
 
+# Errors about the body as a whole: absent, or not a JSON object.
+_WHOLE_BODY = ("model_attributes_type", "dict_type", "model_type", "missing")
+
+
 def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     """A message naming every bad field (and the value it got), and the first field's dotted
     path, from FastAPI's RequestValidationError.errors()."""
@@ -276,12 +279,7 @@ def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
             reason = err.get("ctx", {}).get("error", "")
             problems.append(f"request body is not valid JSON: {reason}")
             continue
-        if not loc and err["type"] in (
-            "model_attributes_type",
-            "dict_type",
-            "model_type",
-            "missing",
-        ):
+        if not loc and err["type"] in _WHOLE_BODY:
             problems.append(
                 "request body must be a JSON object with Content-Type: application/json"
             )
