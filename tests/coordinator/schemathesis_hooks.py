@@ -12,7 +12,7 @@ import os
 
 import schemathesis
 
-MAX_TOKENS = 4
+MAX_TOKENS = 2
 BUDGET_FIELDS = ("max_tokens", "max_completion_tokens")
 
 
