@@ -298,13 +298,15 @@ def test_without_max_tokens_a_chat_may_use_the_rest_of_the_context(cluster):
 
 def test_a_full_queue_answers_429_with_retry_after(cluster):
     url, headers = cluster.url + COMPLETIONS, cluster.auth()
-    long = completion(prompt="Once upon a time", max_tokens=500, stream=True)
+    # Greedy, this prompt counts on far past 500 tokens: the engine stays busy until we hang up.
+    count = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+    long = completion(prompt=count, max_tokens=500, temperature=0, stream=True)
     short = completion(max_tokens=2)
     with ThreadPoolExecutor(1) as pool:
         with httpx.stream("POST", url, json=long, headers=headers, timeout=60) as running:
             next(line for line in running.iter_lines() if line.startswith("data: {"))
             waiting = pool.submit(httpx.post, url, json=short, headers=headers, timeout=60)
-            wait_for(lambda: cluster.cluster()["queue_depth"] == 1, 10, "a waiting request")
+            wait_for(lambda: cluster.cluster()["queue_depth"] == 1, 20, "a waiting request")
             full = httpx.post(url, json=short, headers=headers, timeout=10)
         # Hanging up on the running request lets the waiting one through.
         assert waiting.result().status_code == 200
