@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 
 from shardcompute.errors import ModelFormatError
-from shardcompute.model.gguf_file import check_gguf, load_gguf
+from shardcompute.model.gguf_file import check_gguf, load_gguf, read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,16 @@ def test_sound_file_loads(small_gguf, smollm2_gguf):
     assert set(tensors) == {"a", "b", "c"} and len(meta["tokenizer.ggml.tokens"]) == 300
 
 
+def test_metadata_read_without_mlx_equals_mlx(small_gguf, smollm2_gguf):
+    for path in (small_gguf, smollm2_gguf):
+        _, reference = mx.load(str(path), return_metadata=True)
+        reference = {k: v.tolist() if isinstance(v, mx.array) else v for k, v in reference.items()}
+        ours = read_metadata(path)
+        assert ours == reference
+        assert all(type(ours[k]) is type(v) for k, v in reference.items())
+    assert ours["llama.context_length"] == 8192 and len(ours["tokenizer.ggml.merges"]) > 40000
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -65,6 +75,8 @@ def test_truncated_is_named(small_gguf, tmp_path, keep):
     cut.write_bytes(data[:keep])
     with pytest.raises(ModelFormatError, match="cut.gguf.*(truncated|past the end)"):
         load_gguf(cut)
+    with pytest.raises(ModelFormatError, match="cut.gguf.*(truncated|past the end)"):
+        read_metadata(cut)
 
 
 def test_missing_file_is_named(tmp_path):
@@ -75,7 +87,7 @@ def test_missing_file_is_named(tmp_path):
 FUZZ_SCRIPT = """
 import json, sys
 from shardcompute.errors import ModelFormatError
-from shardcompute.model.gguf_file import load_gguf
+from shardcompute.model.gguf_file import load_gguf, read_metadata
 outcomes = {"loaded": 0, "refused": 0}
 for path in sys.argv[1:]:
     try:
@@ -83,6 +95,10 @@ for path in sys.argv[1:]:
         outcomes["loaded"] += 1
     except ModelFormatError:
         outcomes["refused"] += 1
+    try:  # the MLX-free reader: any other exception ends the script with a traceback
+        read_metadata(path)
+    except ModelFormatError:
+        pass
 print(json.dumps(outcomes))
 """
 

@@ -82,6 +82,7 @@ SAMPLES = [
         request_id="r",
         kind="completion",
         prompt="once",
+        prompt_ids=[12, 0, 49151],
         max_tokens=1,
         temperature=0,
         top_k=40,
@@ -150,6 +151,9 @@ def test_other_version_is_refused_with_both_versions():
         p.decode(p.Ack, wire)
 
 
+COMPLETION = {"request_id": "r", "kind": "completion", "prompt": "x", "max_tokens": 4}
+
+
 @pytest.mark.parametrize(
     "cls, data, field",
     [
@@ -157,6 +161,9 @@ def test_other_version_is_refused_with_both_versions():
         (p.WorkPoll, {"worker_id": "w", "generation": 1, "typo": 1}, "typo"),
         (p.GenerationRequest, {"request_id": "r", "kind": "chat", "max_tokens": 4}, "messages"),
         (p.GenerationRequest, {"request_id": "r", "kind": "poem", "max_tokens": 4}, "kind"),
+        (p.GenerationRequest, {**COMPLETION, "seed": -1}, "seed"),
+        (p.GenerationRequest, {**COMPLETION, "seed": p.MAX_SEED + 1}, "seed"),
+        (p.GenerationRequest, {**COMPLETION, "prompt_ids": [3, -1]}, "prompt_ids.1"),
         (p.Heartbeat, {"engine_state": "sleepy"}, "engine_state"),
         (p.Assignment, {**ASSIGNMENT.model_dump(), "rank": 2}, "world_size=2"),
     ],

@@ -107,7 +107,8 @@ class ModelConfig(_Section):
 
 
 class SecurityConfig(_Section):
-    """Shared secrets: workers present the cluster token, API clients the API key.
+    """Shared secrets: workers present the cluster token, API clients the API key, and a
+    metrics scraper the metrics token (else the API key, when one is set).
 
     With tls_cert and tls_key the coordinator serves HTTPS; agents (and their engines) verify
     it against tls_ca, a path on their own machine.
@@ -116,6 +117,7 @@ class SecurityConfig(_Section):
     cluster_token: str | None = None
     cluster_token_file: str = "~/.shardcompute/cluster_token"
     api_key: str | None = None
+    metrics_token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None

@@ -19,7 +19,7 @@ Views (API key, when one is configured):
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -35,6 +35,7 @@ ClusterState = Literal["forming", "loading", "ready", "degraded"]
 # idle: no engine child; running: child alive (loaded or not); exited: child died.
 EngineState = Literal["idle", "running", "exited"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+MAX_SEED = 2**63 - 1  # seeds are 0..MAX_SEED: what every sampler can take as a 64-bit key
 
 
 class ProtocolError(ShardComputeError):
@@ -240,17 +241,22 @@ class ChatMessage(Part):
 
 
 class GenerationRequest(Message):
-    """One request for the engine: a conversation (`chat`) or raw text (`completion`)."""
+    """One request for the engine: a conversation (`chat`) or raw text (`completion`).
+
+    The coordinator validated it and tokenized it (`prompt_ids`: the chat-templated messages or
+    the raw prompt), so the engine needs no tokenizer of its own to start it.
+    """
 
     request_id: str
     kind: Literal["chat", "completion"]
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
+    prompt_ids: list[Annotated[int, Field(ge=0)]] | None = None
     max_tokens: int = Field(ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)  # 0: off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[str] = []
     stream: bool = False
 

@@ -101,9 +101,12 @@ class LocalCluster(Processes):
             return False
 
     def cluster(self) -> dict:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         with self.http() as http:
-            return http.get("/cluster", headers=headers).json()
+            return http.get("/cluster", headers=self.auth()).json()
+
+    def auth(self) -> dict[str, str]:
+        """The header that opens /cluster, /metrics and /v1 when an API key is set."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def wait_state(self, state: str, timeout: float = 20) -> dict:
         return wait_for(
@@ -138,12 +141,12 @@ def real_agent_command(url: str, rank: int | None = None) -> list[str]:
 
 
 def start_real_cluster(
-    tmp: Path, model_path: Path, world_size: int = 2, **env: str
+    tmp: Path, model_path: Path, world_size: int = 2, api_key: str | None = None, **env: str
 ) -> LocalCluster:
     """A coordinator and `world_size` agents running the real engine on float32 weights of
     `model_path`, waited on until ready. `env` is added to every process's environment
     (SHARDCOMPUTE_SECTION__KEY settings override the config file)."""
-    cluster = LocalCluster(tmp, world_size, request_timeout=120)
+    cluster = LocalCluster(tmp, world_size, api_key=api_key, request_timeout=120)
     with cluster.config.open("a") as f:
         f.write(f"model:\n  name: {REAL_MODEL}\n  path: {model_path}\n  dtype: float32\n")
     cluster.env.update(env)

@@ -136,7 +136,7 @@ def test_cluster_json_and_metrics(secured_cluster, client):
         w["alive"] and w["loaded"] and w["facts"]["memory_bytes"] > 0 for w in view["workers"]
     )
     assert all(w["facts"]["mlx_device"] for w in view["workers"])
-    text = httpx.get(secured_cluster.url + "/metrics").text
+    text = httpx.get(secured_cluster.url + "/metrics", headers=secured_cluster.auth()).text
     assert 'shardcompute_cluster_state{state="ready"} 1.0' in text
     assert 'shardcompute_requests_total{endpoint="completions",outcome="ok"}' in text
     assert "shardcompute_time_to_first_token_seconds_count" in text

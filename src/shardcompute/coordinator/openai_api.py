@@ -1,126 +1,133 @@
 """The OpenAI wire format: request bodies we accept and the response objects we build.
 
-Unknown request fields are ignored (clients send many we do not use); the ones we use are
-validated, so a bad value is a 400 naming its field.
+Types are strict ("10" is not a number, 1208.0 is not an integer, "yes" is not a boolean) and
+every string must be encodable as UTF-8. Fields we do not implement are refused unless their
+value changes nothing; other unknown fields (`user`, `metadata`, ...) are ignored. The checks
+that need the model (tokens against the context) are the Door's, in validation.py.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from shardcompute.coordinator.http_errors import ApiError
-from shardcompute.protocol import ChatMessage, GenerationRequest
+from shardcompute.coordinator.validation import (
+    MessageContent,
+    NonEmptyText,
+    Probability,
+    Prompt,
+    Seed,
+    Stop,
+    Temperature,
+    unsupported,
+)
+from shardcompute.protocol import ChatMessage
 
-DEFAULT_CHAT_MAX_TOKENS = 256
-DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+NO_LOGPROBS = "log probabilities are not returned"
+NO_TOOLS = "tool and function calls are not supported"
+NO_PENALTY = "no repetition penalty is applied"
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
-class ContentPart(_Lenient):
-    type: str
-    text: str | None = None
-
-
-class ApiChatMessage(_Lenient):
+class ApiChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: MessageContent | None = None
 
-    def to_protocol(self, index: int) -> ChatMessage:
-        """Flatten text parts into one string; other part types are not supported."""
-        if isinstance(self.content, list):
-            for part in self.content:
-                if part.type != "text":
-                    raise ApiError(
-                        f"messages[{index}].content: part type {part.type!r} is not supported; "
-                        "only text",
-                        param=f"messages.{index}.content",
-                    )
-            text = "".join(p.text or "" for p in self.content)
-        else:
-            text = self.content or ""
+    def to_protocol(self) -> ChatMessage:
+        """`developer` is the newer name of `system`."""
         role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=text)
+        return ChatMessage(role=role, content=self.content or "")
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Lenient):
-    model: str = Field(min_length=1)
+class _SamplingRequest(_Strict):
+    kind: ClassVar[str] = "completion"
+
+    model: NonEmptyText
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    temperature: Temperature = 1.0
+    top_p: Probability = 1.0
+    top_k: int = Field(0, ge=0, description="0: no top-k cut (an extension to OpenAI's API)")
+    seed: Seed | None = None
+    stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: Annotated[int | None, WithJsonSchema({"enum": [1, None]})] = Field(
+        None, description="Only 1 is supported."
+    )
+    logit_bias: unsupported("token biases are not applied", {}) = None
+    logprobs: unsupported(NO_LOGPROBS, False) = None
+    presence_penalty: unsupported(NO_PENALTY, 0) = None
+    frequency_penalty: unsupported(NO_PENALTY, 0) = None
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
             raise ValueError(f"only n=1 is supported, got n={n}")
         return n
 
     @property
     def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _common(self, max_tokens: int) -> dict[str, Any]:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return dict(
-            request_id=uuid.uuid4().hex,
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            seed=self.seed,
-            stop=stop,
-            stream=self.stream,
-        )
+    def requested_max_tokens(self) -> int | None:
+        """The completion budget the client asked for, if any."""
+        return self.max_tokens
+
+    def engine_messages(self) -> list[ChatMessage] | None:
+        """The conversation as the engine takes it (None: a completion)."""
+        return None
+
+    def engine_prompt(self) -> str | None:
+        """The raw prompt (None: a chat)."""
+        return None
 
 
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
+    kind: ClassVar[str] = "chat"
+
     messages: list[ApiChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: unsupported(NO_LOGPROBS, 0) = None
+    tools: unsupported(NO_TOOLS, []) = None
+    tool_choice: unsupported(NO_TOOLS, "none") = None
+    functions: unsupported(NO_TOOLS, []) = None
+    function_call: unsupported(NO_TOOLS, "none") = None
+    response_format: unsupported("only plain text is returned", {"type": "text"}) = None
 
-    def to_generation(self) -> GenerationRequest:
-        """The engine's view of this request."""
-        limit = self.max_completion_tokens or self.max_tokens or DEFAULT_CHAT_MAX_TOKENS
-        messages = [m.to_protocol(i) for i, m in enumerate(self.messages)]
-        return GenerationRequest(kind="chat", messages=messages, **self._common(limit))
+    def requested_max_tokens(self) -> int | None:
+        """max_completion_tokens (the newer name), else max_tokens; None: until the context."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def engine_messages(self) -> list[ChatMessage]:
+        """The conversation as the engine takes it."""
+        return [m.to_protocol() for m in self.messages]
 
 
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions (one prompt string)."""
 
-    prompt: str | list[str]
+    prompt: Prompt
+    echo: unsupported("the prompt is not echoed", False) = None
+    best_of: unsupported("one completion is generated per request", 1) = None
+    suffix: unsupported("insertion after a suffix is not supported", "") = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError(f"exactly one prompt is supported, got a list of {len(prompt)}")
-        return prompt
-
-    def to_generation(self) -> GenerationRequest:
-        """The engine's view of this request."""
-        prompt = self.prompt[0] if isinstance(self.prompt, list) else self.prompt
-        limit = self.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS
-        return GenerationRequest(kind="completion", prompt=prompt, **self._common(limit))
+    def engine_prompt(self) -> str:
+        """The one prompt string."""
+        return self.prompt
 
 
 # --- responses -----------------------------------------------------------------------------

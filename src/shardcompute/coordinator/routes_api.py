@@ -5,6 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from shardcompute.coordinator.api_docs import (
+    ChatCompletion,
+    ModelList,
+    TextCompletion,
+    errors,
+    generation_responses,
+)
 from shardcompute.coordinator.auth import coordinator_of, require_api_key
 from shardcompute.coordinator.http_errors import ApiError
 from shardcompute.coordinator.openai_api import (
@@ -18,32 +25,26 @@ from shardcompute.coordinator.relay import ClientGone, Relay, until_disconnect
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-@router.get("/models")
-async def models(request: Request) -> dict:
+@router.get("/models", responses=errors(500))
+async def models(request: Request) -> ModelList:
     """The one model this cluster serves."""
     coordinator = coordinator_of(request)
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": coordinator.model_id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "shardcompute",
-            }
-        ],
-    }
+    card = {"id": coordinator.model_id, "object": "model", "created": 0, "owned_by": "shardcompute"}
+    return ModelList(object="list", data=[card])
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post(
+    "/chat/completions", response_model=None, responses=generation_responses(ChatCompletion)
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    """A chat turn; the engine applies the model's chat template."""
+    """A chat turn; the model's chat template makes the prompt. Without max_tokens, the reply
+    may run to the end of the context."""
     return await _serve(body, request, "chat")
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, responses=generation_responses(TextCompletion))
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    """Raw-text completion."""
+    """Raw-text completion (max_tokens defaults to 16)."""
     return await _serve(body, request, "completions")
 
 
@@ -68,7 +69,7 @@ async def _serve(
 async def _generate(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
     coordinator = coordinator_of(request)
     coordinator.check_model(body.model)
-    generation = body.to_generation()
+    generation = await coordinator.door.admit(body)  # 400 before it is queued
     relay = Relay(coordinator, await coordinator.queue_request(generation))
     shape = ResponseShape(generation.kind, generation.request_id, coordinator.model_id)
     try:

@@ -20,7 +20,10 @@ from shardcompute.protocol import (
     WorkPoll,
 )
 
-router = APIRouter(prefix="/internal/v1", dependencies=[Depends(require_cluster_token)])
+# Not in the OpenAPI document: a private protocol between our own processes (protocol.py).
+router = APIRouter(
+    prefix="/internal/v1", dependencies=[Depends(require_cluster_token)], include_in_schema=False
+)
 
 
 @router.post("/workers/register")

@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
-from shardcompute.config import ClusterConfig
+from shardcompute.config import ClusterConfig, ModelConfig
 from shardcompute.coordinator.health import Clock
 from shardcompute.coordinator.http_errors import NotFound, NotReady
 from shardcompute.coordinator.metrics import Metrics
 from shardcompute.coordinator.queue import Job, RequestQueue
 from shardcompute.coordinator.registry import Registry
 from shardcompute.coordinator.traffic import TrafficLog, take_sample
+from shardcompute.coordinator.validation import Door
+from shardcompute.model.metadata import ModelInfo, read_model_info
 from shardcompute.protocol import ClusterState, ClusterView, GenerationRequest
 
 
+def served_model(config: ModelConfig) -> ModelInfo:
+    """The served model's sizes and tokenizer, read as the engines read them (no MLX here).
+
+    A shard directory that lives only on the workers is skipped: the model's path or name
+    gives the same tokenizer and context.
+    """
+    shard_dir = config.shard_dir if config.shard_dir and Path(config.shard_dir).is_dir() else None
+    return read_model_info(config.path or config.name, shard_dir)
+
+
 class Coordinator:
-    """What the HTTP routes act on. Holds no model weights and no tokenizer."""
+    """What the HTTP routes act on. Holds the served model's tokenizer, never its weights."""
 
     def __init__(
         self,
@@ -24,8 +37,10 @@ class Coordinator:
         cluster_token: str,
         clock: Clock = time.monotonic,
         coordinator_url: str = "",
+        model: ModelInfo | None = None,
     ):
         self.config = config
+        self.door = Door(model if model is not None else served_model(config.model))
         self.cluster_token = cluster_token
         self.clock = clock
         self.registry = Registry(config, clock, coordinator_url)

@@ -25,25 +25,11 @@ from shardcompute.engine.params import SamplingParams
 from shardcompute.errors import ShardComputeError
 from shardcompute.model.llama import Model
 from shardcompute.model.loader import load_model
+from shardcompute.model.tokenizer import ByteTokenizer
 
 
 def load_spec(spec: ModelSpec, comm: Collectives) -> Model:
     return load_model(spec.model, spec.dtype, comm, spec.weights, spec.shard_dir)
-
-
-class ByteTokenizer:
-    """For random-weight models, which have no tokenizer: prompt bytes in, token ids out."""
-
-    eos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-    def apply_chat_template(self, messages, **_) -> list[int]:
-        return self.encode("\n".join(m["content"] for m in messages))
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(f" {i}" for i in ids)
 
 
 def tokenizer_for(spec: ModelSpec):

@@ -93,7 +93,8 @@ class ModelArgs(BaseModel):
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], source: str) -> ModelArgs:
-        """Build from GGUF metadata as returned by `mx.load(path, return_metadata=True)`."""
+        """Build from GGUF metadata: plain Python values (`gguf_file.read_metadata`, MLX-free)
+        or MLX scalars (`mx.load(path, return_metadata=True)`)."""
         arch = str(meta.get("general.architecture", ""))
         if arch not in SUPPORTED_GGUF_ARCHITECTURES:
             raise ModelFormatError(

@@ -4,6 +4,8 @@ MLX's GGUF reader trusts the counts and lengths in the file, so a corrupted head
 process with SIGSEGV instead of raising. `check_gguf` walks the header, the metadata and the
 tensor index in Python, checking every length against the file size, so a bad file becomes a
 ModelFormatError naming it. It reads no tensor data (about 0.1 s for a 49k-token vocabulary).
+`read_metadata` does the same walk and keeps the values, as plain Python: the control plane
+gets a model's tokenizer and sizes from it without importing MLX.
 """
 
 from __future__ import annotations
@@ -21,8 +23,22 @@ MAGIC = b"GGUF"
 VERSIONS = (2, 3)
 MAX_DIMS = 4
 DEFAULT_ALIGNMENT = 32
-# Metadata value types with a fixed size: uint8..int32, float32, bool, uint64, int64, float64.
-_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# Metadata value types with a fixed size, by their struct format: uint8, int8, uint16, int16,
+# uint32, int32, float32, bool, uint64, int64, float64.
+_FORMATS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
+_FIXED = {kind: struct.calcsize(f"<{fmt}") for kind, fmt in _FORMATS.items()}
 _STRING, _ARRAY = 8, 9
 _BLOCKS = {int(t): sizes for t, sizes in GGML_QUANT_SIZES.items()}  # type -> (block, bytes)
 
@@ -68,21 +84,59 @@ class _Reader:
         else:
             raise ModelFormatError(f"{self.path}: corrupt GGUF: metadata value type {kind}")
 
+    def value(self, kind: int) -> Any:
+        """Read one metadata value as a Python bool, int, float, str or list."""
+        if kind in _FORMATS:
+            return struct.unpack(f"<{_FORMATS[kind]}", self.take(_FIXED[kind]))[0]
+        if kind == _STRING:
+            return self.text()
+        if kind != _ARRAY:
+            raise ModelFormatError(f"{self.path}: corrupt GGUF: metadata value type {kind}")
+        inner, count = self.u32(), self.u64()
+        if inner in _FORMATS:
+            return list(
+                struct.unpack(f"<{count}{_FORMATS[inner]}", self.take(count * _FIXED[inner]))
+            )
+        if count > len(self.data) - self.pos:  # every element takes at least one byte
+            self.take(count)  # raises
+        return [self.value(inner) for _ in range(count)]
+
+    def text(self) -> str:
+        at = self.pos
+        try:
+            return self.string().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelFormatError(
+                f"{self.path}: corrupt GGUF: the string at offset {at} is not UTF-8"
+            ) from None
+
 
 def check_gguf(path: str | Path) -> None:
     """Raise ModelFormatError unless `path` is a structurally sound GGUF file."""
-    path = Path(path)
+    _walk(Path(path), None)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a sound GGUF file as plain Python values (MLX-free); numbers and
+    strings as `mx.load(path, return_metadata=True)` gives them, arrays as lists."""
+    meta: dict[str, Any] = {}
+    _walk(Path(path), meta)
+    return meta
+
+
+def _walk(path: Path, meta: dict[str, Any] | None) -> None:
+    """Check the whole structure; collect the metadata values into `meta` when given."""
     try:
         size = path.stat().st_size
         if size < 24:
             raise ModelFormatError(f"{path}: not a GGUF file ({size} bytes)")
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            _check(_Reader(data, path), size)
+            _check(_Reader(data, path), size, meta)
     except OSError as e:
         raise ModelFormatError(f"{path}: cannot read: {e.strerror or e}") from e
 
 
-def _check(r: _Reader, size: int) -> None:
+def _check(r: _Reader, size: int, meta: dict[str, Any] | None) -> None:
     if r.take(4) != MAGIC:
         raise ModelFormatError(f"{r.path}: not a GGUF file (no GGUF magic)")
     version = r.u32()
@@ -98,9 +152,14 @@ def _check(r: _Reader, size: int) -> None:
     for _ in range(n_kv):
         key, kind = r.string(), r.u32()
         if key == b"general.alignment" and kind == 4:
-            alignment = struct.unpack("<I", r.take(4))[0] or DEFAULT_ALIGNMENT
-        else:
+            raw = struct.unpack("<I", r.take(4))[0]
+            alignment = raw or DEFAULT_ALIGNMENT
+            if meta is not None:
+                meta["general.alignment"] = raw
+        elif meta is None:
             r.skip_value(kind)
+        else:
+            meta[key.decode("utf-8", "replace")] = r.value(kind)
     tensors = [_tensor_info(r) for _ in range(n_tensors)]
     data_start = -(-r.pos // alignment) * alignment
     for name, offset, nbytes in tensors:

@@ -4,6 +4,9 @@ A GGUF carries its vocabulary, merges and special ids as metadata (llama.cpp's k
 a `tokenizer.json`. We rebuild a fast tokenizer from them with the `tokenizers` library, then
 cache it beside the file as `tokenizer.json` + `tokenizer_config.json`, because rebuilding
 takes seconds and every rank of every run needs it.
+
+Nothing here imports MLX: the coordinator tokenizes at its door with these functions.
+transformers is imported when first needed (its AutoTokenizer alone pulls in torch).
 """
 
 from __future__ import annotations
@@ -12,13 +15,15 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from shardcompute.errors import ModelFormatError
-from shardcompute.model.gguf_file import load_gguf
+from shardcompute.model.gguf_file import read_metadata
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 CACHE_VERSION = 1  # bump when the build below changes, so stale caches are rebuilt
 CACHE_SUFFIX = ".tokenizer"  # model.gguf -> model.gguf.tokenizer/
@@ -58,6 +63,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     stamp = _stamp(path)
     flags = _cached_flags(cache, stamp)
     if flags is not None:
+        from transformers import PreTrainedTokenizerFast
+
         return PreTrainedTokenizerFast.from_pretrained(str(cache), **flags)
     tokenizer = tokenizer_from_gguf_metadata(read_gguf_metadata(path), source=str(path))
     _write_cache(tokenizer, cache, stamp)
@@ -65,6 +72,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 
 def _load_hf_dir(path: Path) -> PreTrainedTokenizerFast:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         raise ModelFormatError(
             f"{path}: no tokenizer.json or tokenizer_config.json in the directory"
@@ -79,11 +88,8 @@ def _load_hf_dir(path: Path) -> PreTrainedTokenizerFast:
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of a GGUF file, with MLX scalars and arrays turned into Python values."""
-    import mlx.core as mx  # only the GGUF path needs MLX
-
-    _, meta = load_gguf(path)
-    return {k: v.tolist() if isinstance(v, mx.array) else v for k, v in meta.items()}
+    """The metadata of a GGUF file as Python values, read without MLX."""
+    return read_metadata(path)
 
 
 def tokenizer_from_gguf_metadata(meta: dict[str, Any], source: str) -> PreTrainedTokenizerFast:
@@ -183,6 +189,8 @@ def _added(tokens: list[str], types: list[int], kind: int, special: bool) -> lis
 
 
 def _wrap(backend: Tokenizer, meta: dict[str, Any], tokens: list[str]) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     def token(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[index] if index is not None and 0 <= index < len(tokens) else None
@@ -247,3 +255,31 @@ def _write_cache(tokenizer: PreTrainedTokenizerFast, cache: Path, stamp: dict[st
         pass  # another process won the race, or the disk is read-only
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ByteTokenizer:
+    """For random-weight models, which have no tokenizer: prompt bytes in, token ids out."""
+
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def apply_chat_template(self, messages, **_) -> list[int]:
+        return self.encode("\n".join(m["content"] for m in messages))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of raw text (a completion prompt), special tokens as the tokenizer adds them."""
+    return list(tokenizer.encode(text))
+
+
+def encode_chat(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation through the model's chat template, ready for the reply."""
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return list(ids)

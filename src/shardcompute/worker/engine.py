@@ -127,6 +127,8 @@ class Queue:
 
 def prompt_ids_for(tokenizer, req: GenerationRequest) -> list[int]:
     """Token ids of the chat-templated conversation, or of the raw completion prompt."""
+    if req.prompt_ids is not None:  # tokenized and checked at the coordinator's door
+        return req.prompt_ids
     if req.kind == "completion":
         return encode_prompt(tokenizer, req.prompt or "", chat=False)
     messages = [m.model_dump() for m in req.messages or []]
