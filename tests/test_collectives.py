@@ -19,7 +19,9 @@ def test_size_one_group_is_identity_and_counts():
     x = mx.arange(6).reshape(2, 3)
     assert comm.all_sum(x) is x and comm.all_gather(x) is x and comm.broadcast(x) is x
     assert comm.broadcast_object({"a": 1}) == {"a": 1}
-    assert comm.counts == {"all_reduce": 1, "all_gather": 1, "broadcast": 2}
+    assert comm.control_sum(x) is x
+    # Step plans and control messages are counted apart from the model's collectives.
+    assert comm.counts == {"all_reduce": 1, "all_gather": 1, "broadcast": 1, "control": 2}
 
 
 BACKENDS = [

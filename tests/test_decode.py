@@ -7,9 +7,9 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from shardcompute.dtypes import QuantSpec
-from shardcompute.model.args import ModelArgs
-from shardcompute.model.cache import KVCache
+from shardcompute.model.cache import BatchKVCache
 from shardcompute.model.llama import Model
+from shardcompute.model_spec import ModelArgs
 from shardcompute.parallel.kernels import Kernels
 from shardcompute.parallel.plan import make_plan
 
@@ -52,25 +52,54 @@ def test_cached_decode_matches_the_full_forward(compiled):
     model = random_model(compiled=compiled)
     ids = np.random.default_rng(1).integers(0, ARGS.vocab_size, 262).tolist()
     cache = model.make_cache()
-    first = model.last_hidden(mx.array([ids[:250]]), cache)
+    first = model.prefill(mx.array([ids[:250]]), cache, 0)[:, -1:]
     assert close(first, model.hidden(mx.array([ids[:250]]))[:, -1:])
     for n in range(250, 262):
-        h = model.last_hidden(mx.array([[ids[n]]]), cache)
+        h = model.decode({0: ids[n]}, cache)
         assert close(h, model.hidden(mx.array([ids[: n + 1]]))[:, -1:]), f"position {n}"
-    assert cache.offset == 262 and cache.capacity == 512
+    assert cache.lengths == {0: 262} and cache.capacity == 512
 
 
-def test_compiled_step_is_traced_once_per_capacity(monkeypatch):
-    """The point of fixed-capacity buffers: one trace serves every position."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_batch_of_rows_each_at_its_own_position(compiled):
+    """Rows of different lengths, prefilled in chunks of one row at a time, then decoded
+    together (with an idle row between them): each row equals its own sequence alone."""
+    model = random_model(compiled=compiled)
+    rng = np.random.default_rng(2)
+    seqs = {0: 300, 2: 7, 3: 40}
+    seqs = {slot: rng.integers(0, ARGS.vocab_size, n).tolist() for slot, n in seqs.items()}
+    cache = model.make_cache()
+    for slot, ids in seqs.items():
+        for start in range(0, len(ids) - 1, 128):  # chunks that read only the used positions
+            chunk = ids[start : min(start + 128, len(ids) - 1)]
+            h = model.prefill(mx.array([chunk]), cache, slot)
+            want = model.hidden(mx.array([ids[: start + len(chunk)]]))[:, -len(chunk) :]
+            assert close(h, want), (slot, start)
+    for step in range(3):
+        tokens = {slot: ids[-1] if step == 0 else 5 + step for slot, ids in seqs.items()}
+        if step:
+            seqs = {slot: ids + [tokens[slot]] for slot, ids in seqs.items()}
+        h = model.decode(tokens, cache)
+        for i, ids in enumerate(seqs.values()):
+            assert close(h[i : i + 1], model.hidden(mx.array([ids]))[:, -1:]), (step, i)
+    assert cache.rows == 4  # rows come in powers of two; row 1 sat idle
+
+
+def test_compiled_step_is_traced_once_per_shape():
+    """The point of fixed-capacity buffers: one trace serves every position of a shape."""
     traces = []
     model = random_model()
     graph = model._decode_graph
-    monkeypatch.setattr(model, "_decode_graph", lambda *a: traces.append(1) or graph(*a))
+    model._decode_graph = lambda *a: traces.append(1) or graph(*a)
     cache = model.make_cache()
-    model.last_hidden(mx.array([[1, 2, 3]]), cache)
+    model.prefill(mx.array([[1, 2, 3]]), cache, 0)
     for t in range(20):
-        mx.eval(model.last_hidden(mx.array([[t]]), cache))
+        mx.eval(model.decode({0: t}, cache))
     assert len(traces) == 1
+    model.prefill(mx.array([[4]]), cache, 1)  # a second row: the next bucket, one more trace
+    for t in range(5):
+        mx.eval(model.decode({0: t, 1: t}, cache))
+    assert len(traces) == 2
 
 
 def test_fused_projections_compute_the_same_model():
@@ -83,8 +112,8 @@ def test_fused_projections_compute_the_same_model():
     ids = mx.array([[5, 17, 99, 3, 64]])
     assert close(fused(ids), plain(ids), 1e-5)
     ca, cb = plain.make_cache(), fused.make_cache()
-    plain.last_hidden(ids, ca), fused.last_hidden(ids, cb)
-    assert close(fused.last_hidden(mx.array([[7]]), cb), plain.last_hidden(mx.array([[7]]), ca))
+    plain.prefill(ids, ca, 0), fused.prefill(ids, cb, 0)
+    assert close(fused.decode({0: 7}, cb), plain.decode({0: 7}, ca))
 
 
 def test_fusion_keeps_quantized_weights_quantized():
@@ -104,9 +133,16 @@ def test_parts_that_cannot_share_a_matmul_stay_apart():
     assert "q_proj" in attn and "qkv_proj" not in attn
 
 
-def test_cache_reports_its_size():
-    cache = KVCache(num_layers=2, kv_heads=2, head_dim=16, dtype=mx.float32)
+def test_cache_reports_its_size_and_keeps_rows_through_resizes():
+    cache = BatchKVCache(num_layers=2, kv_heads=2, head_dim=16, dtype=mx.float32)
     assert cache.capacity == 0 and cache.nbytes == 0
-    cache.reserve(1, 10)
-    assert cache.capacity == 256
-    assert cache.nbytes == 2 * 2 * (2 * 256 * 16 * 4)
+    cache.reserve({0: 10})
+    assert (cache.rows, cache.capacity) == (1, 256)
+    assert cache.nbytes == 2 * 2 * (1 * 2 * 256 * 16 * 4)
+    cache.layers[0].keys[0, :, :10, :] = 1.0
+    cache.lengths[0] = 10
+    cache.resize(4, 512)
+    cache.resize(2, 256)
+    assert mx.all(cache.layers[0].keys[0, :, :10, :] == 1.0).item()
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.resize(1, 8)

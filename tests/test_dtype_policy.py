@@ -138,8 +138,8 @@ def test_every_tensor_is_in_the_compute_dtype(case, smollm2_gguf, seen):
     per_token = comm.bytes["all_reduce"] / comm.counts["all_reduce"] / len(PROMPT)
     assert per_token == dtype.size * model.args.hidden_size
     cache = model.make_cache()
-    h = model.last_hidden(ids, cache)  # cached prefill
-    h = model.last_hidden(mx.array([[PROMPT[-1]]]), cache)  # one compiled decode step
+    model.prefill(ids, cache, 0)  # cached prefill of one row
+    h = model.decode({0: PROMPT[-1]}, cache)  # one compiled decode step
     logits = model.lm_head.local_logits(h)  # what the chooser samples from, before its upcast
     mx.eval(logits)
     assert hidden.dtype == h.dtype == logits.dtype == dtype

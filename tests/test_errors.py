@@ -10,10 +10,10 @@ import pytest
 
 from shardcompute.dtypes import resolve
 from shardcompute.errors import ModelFormatError, PlanError, ShardFileError
-from shardcompute.model.args import dummy_args
 from shardcompute.model.checkpoint import read_checkpoint
 from shardcompute.model.loader import shard_checkpoint
 from shardcompute.model.sharder import read_shard
+from shardcompute.model_spec import dummy_args
 from shardcompute.parallel.plan import make_plan, parse_weights
 
 FLOAT32 = resolve("float32", "cpu")

@@ -14,11 +14,11 @@ from safetensors.numpy import save_file
 
 from shardcompute.collectives.group import Collectives
 from shardcompute.engine.launch import launch_local
-from shardcompute.model.args import ModelArgs
 from shardcompute.model.checkpoint import tie_lm_head
 from shardcompute.model.dummy import dummy_shapes, dummy_tensors
 from shardcompute.model.llama import Model
 from shardcompute.model.sharder import rank_state
+from shardcompute.model_spec import ModelArgs
 from shardcompute.parallel.plan import make_plan
 
 RANK_SCRIPT = str(Path(__file__).parent / "ranks" / "load_memory_case.py")

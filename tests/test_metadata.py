@@ -13,10 +13,10 @@ import pytest
 from processes import child_env
 from shardcompute.engine.rank_main import encode_prompt
 from shardcompute.errors import ModelFormatError
-from shardcompute.model.args import ModelArgs, dummy_args
 from shardcompute.model.loader import shard_checkpoint
 from shardcompute.model.metadata import read_model_info
 from shardcompute.model.tokenizer import ByteTokenizer, encode_chat, encode_text, load_tokenizer
+from shardcompute.model_spec import ModelArgs, dummy_args
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shardcompute.errors import PlanError
-from shardcompute.model.args import dummy_args
+from shardcompute.model_spec import dummy_args
 from shardcompute.parallel.plan import PartitionPlan, make_plan, parse_weights, split_units
 
 

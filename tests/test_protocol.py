@@ -65,10 +65,16 @@ SAMPLES = [
         plan={"world_size": 2, "weights": [2.0, 1.0], "ranks": [{"rank": 0, "heads": [0, 6]}]},
         collectives_per_token=62,
         dtype="float32",
+        kv_budget=4096,
     ),
     p.MetricsReport(generation=2, metrics=METRICS),
     p.Ack(),
-    p.WorkPoll(worker_id="w1", generation=2, wait_seconds=5),
+    p.WorkPoll(worker_id="w1", generation=2, wait_seconds=5, max_requests=6),
+    p.WorkBatch(
+        requests=[p.GenerationRequest(request_id="r", kind="completion", prompt="p", max_tokens=2)],
+        cancelled=["r0"],
+    ),
+    p.FailureReport(generation=2, reason="no progress for 9.1s"),
     p.GenerationRequest(
         request_id="r",
         kind="chat",

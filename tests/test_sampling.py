@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from shardcompute.collectives.group import Collectives
 from shardcompute.engine.job import GenerateJob, ModelSpec
 from shardcompute.engine.params import SamplingParams
-from shardcompute.engine.sampling import VocabParallelChooser, make_sampler
+from shardcompute.engine.sampling import RowSampler, VocabParallelChooser, make_sampler
 from shardcompute.parallel.linear import VocabParallelLMHead
 
 LOGITS = mx.array([[0.0, 5.0, 4.0, -1.0, 3.0]])
@@ -51,20 +51,39 @@ def test_job_round_trip():
     assert GenerateJob.model_validate_json(job.model_dump_json()) == job
 
 
-def test_vocab_parallel_chooser_is_exact():
-    """One rank's chooser: greedy is the argmax; temperature draws follow softmax(logits/T)."""
+def lm_head() -> VocabParallelLMHead:
     head = VocabParallelLMHead(
         1, (0, LOGITS.shape[1]), [LOGITS.shape[1]], Collectives(), None, mx.float32
     )
     head.weight = LOGITS.T  # logits = h @ W.T with h = [[1]]
-    h = mx.ones((1, 1, 1))
-    greedy = VocabParallelChooser(SamplingParams(temperature=0), head, seed=0)
-    assert greedy(h, 0).tolist() == [1, 0]
-    assert greedy(h, 1).tolist() == [1, 1]  # rank 0's stop flag rides along
+    return head
 
+
+def test_vocab_parallel_chooser_is_exact():
+    """One rank's chooser: greedy is the argmax; temperature draws follow softmax(logits/T)."""
+    chooser, h = VocabParallelChooser(lm_head()), mx.ones((1, 1, 1))
+    assert chooser(h, [RowSampler.joining(0.0, 0, 1.0, seed=0)]).tolist() == [1]
     temperature, n = 2.0, 4000
-    chooser = VocabParallelChooser(SamplingParams(temperature=temperature), head, seed=3)
-    counts = np.bincount([chooser(h, 0)[0].item() for _ in range(n)], minlength=5)
+    row = RowSampler.joining(temperature, 0, 1.0, seed=3)
+    counts = np.bincount([chooser(h, [row])[0].item() for _ in range(n)], minlength=5)
     expected = np.array(mx.softmax(LOGITS[0] / temperature)) * n
     # Pearson chi-square, 4 degrees of freedom: 18.5 is the 0.1% tail.
     assert ((counts - expected) ** 2 / expected).sum() < 18.5
+
+
+def test_each_row_draws_its_own_stream_whatever_the_batch():
+    """A seeded row gets the same tokens alone or beside others (greedy, top-k, other seeds),
+    and a preempted row that comes back with `skip` continues where it was."""
+    chooser, steps = VocabParallelChooser(lm_head()), 12
+    alone = RowSampler.joining(1.5, 0, 1.0, seed=7)
+    solo = [chooser(mx.ones((1, 1, 1)), [alone]).item() for _ in range(steps)]
+    rows = [
+        RowSampler.joining(0.0, 0, 1.0, seed=0),
+        RowSampler.joining(1.5, 0, 1.0, seed=7),
+        RowSampler.joining(1.0, 2, 1.0, seed=9),
+    ]
+    batched = [chooser(mx.ones((3, 1, 1)), rows).tolist() for _ in range(steps)]
+    assert [b[1] for b in batched] == solo
+    assert {b[0] for b in batched} == {1} and {b[2] for b in batched} <= {1, 2}
+    resumed = RowSampler.joining(1.5, 0, 1.0, seed=7, skip=5)
+    assert [chooser(mx.ones((1, 1, 1)), [resumed]).item() for _ in range(7)] == solo[5:]

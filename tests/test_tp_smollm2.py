@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shardcompute.model.args import ModelArgs
 from shardcompute.model.llama import collectives_per_forward
 from shardcompute.model.loader import shard_checkpoint
+from shardcompute.model_spec import ModelArgs
 from tp_harness import dense_reference, print_bound, rel_error, run_ranks
 
 PROMPT = [504, 3575, 282, 4649, 314, 7042, 30, 378, 3575, 282, 7597, 314]  # "The capital of..."

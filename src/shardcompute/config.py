@@ -54,6 +54,16 @@ class WorkerConfig(_Section):
     collective_timeout_seconds: float = Field(60.0, gt=0)
 
 
+class EngineConfig(_Section):
+    """How the engine batches requests: rank 0's scheduler."""
+
+    max_batch_size: int = Field(8, ge=1, le=64)  # requests decoding together
+    # KV-cache positions (rows x capacity) in all; None: kv_memory_fraction of free memory.
+    max_kv_tokens: int | None = Field(None, ge=256)
+    kv_memory_fraction: float = Field(0.5, gt=0, le=0.95)
+    prefill_chunk: int = Field(512, ge=16)  # prompt tokens prefilled per step, in all
+
+
 class ParallelismConfig(_Section):
     """How many ranks and which mx.distributed backend connects them."""
 
@@ -137,6 +147,7 @@ class ClusterConfig(_Section):
 
     coordinator: CoordinatorConfig = CoordinatorConfig()
     worker: WorkerConfig = WorkerConfig()
+    engine: EngineConfig = EngineConfig()
     parallelism: ParallelismConfig = ParallelismConfig()
     model: ModelConfig = ModelConfig()
     security: SecurityConfig = SecurityConfig()

@@ -8,7 +8,7 @@ Flow (all internal routes need `Authorization: Bearer <cluster token>`):
   agent  -> POST /internal/v1/workers/{worker_id}/heartbeat Heartbeat -> HeartbeatResponse
   engine -> POST /internal/v1/workers/{worker_id}/loaded    LoadedReport -> Ack
   engine -> POST /internal/v1/workers/{worker_id}/metrics   MetricsReport -> Ack
-  engine -> POST /internal/v1/work/next                     WorkPoll -> GenerationRequest | 204
+  engine -> POST /internal/v1/work/next                     WorkPoll -> WorkBatch
   engine -> POST /internal/v1/work/{request_id}/events      EventBatch -> CancelStatus
   engine -> GET  /internal/v1/work/{request_id}/cancelled   -> CancelStatus
 
@@ -23,11 +23,13 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shardcompute.config import EngineConfig
 from shardcompute.dtypes import DtypeRequest
 from shardcompute.errors import ShardComputeError
 
 # 2: agents re-register announcing the engine they run; TLS CA path in assignments; PIDs.
-PROTOCOL_VERSION = 2
+# 3: the engine takes a batch of requests per poll (WorkBatch) and reports its scheduler.
+PROTOCOL_VERSION = 3
 # The agent hands the engine child the cluster token in this env var, never on its command line.
 CLUSTER_TOKEN_ENV = "SHARDCOMPUTE_SECURITY__CLUSTER_TOKEN"
 
@@ -133,12 +135,15 @@ class WorkerMetrics(Part):
     tokens_processed: int = Field(0, ge=0)
     collective_seconds: float = Field(0.0, ge=0)
     steps: int = Field(0, ge=0)
-    # The scheduler's view (rank 0): requests in the running batch and admitted but waiting,
-    # and KV-cache tokens in use of those allocated. 0 until the engine reports them.
+    # The scheduler's view (rank 0): requests in the running batch and taken but waiting,
+    # and KV-cache positions allocated of the budget. 0 until the engine reports them.
     running: int = Field(0, ge=0)
     waiting: int = Field(0, ge=0)
     kv_tokens_used: int = Field(0, ge=0)
     kv_tokens_total: int = Field(0, ge=0)
+    preemptions: int = Field(0, ge=0)
+    # Rows decoded per step, one entry per step since the last report (the batch-size histogram).
+    batch_sizes: list[int] = Field(default_factory=list, max_length=100_000)
 
 
 class Heartbeat(Message):
@@ -167,6 +172,7 @@ class Assignment(Message):
     model_name: str
     model_path: str | None = None
     dtype: DtypeRequest = DtypeRequest()
+    engine: EngineConfig = EngineConfig()
     shard_dir: str | None = None
     coordinator_url: str
     backend: str = "ring"
@@ -207,6 +213,15 @@ class LoadedReport(Message):
     plan: dict[str, Any] | None = None
     collectives_per_token: int | None = Field(None, ge=0)
     dtype: str | None = None
+    kv_budget: int | None = Field(None, ge=0)  # KV positions rank 0's scheduler may allocate
+
+
+class FailureReport(Message):
+    """An engine that is about to exit, and why (its watchdog saw no progress): the cluster is
+    degraded from now, not from the agent's next heartbeat."""
+
+    generation: int
+    reason: str = Field(max_length=2000)
 
 
 class MetricsReport(Message):
@@ -226,11 +241,13 @@ class Ack(Message):
 
 
 class WorkPoll(Message):
-    """A long poll for the next request; answered after at most `wait_seconds` with 204."""
+    """A long poll for up to `max_requests` requests (the engine's free rows); answered as
+    soon as one is queued, else after `wait_seconds` with none."""
 
     worker_id: str
     generation: int
     wait_seconds: float = Field(10.0, gt=0, le=60)
+    max_requests: int = Field(1, ge=0, le=1024)
 
 
 class ChatMessage(Part):
@@ -281,6 +298,15 @@ class GenerationEvent(Part):
     prompt_tokens: int = Field(0, ge=0)
     completion_tokens: int = Field(0, ge=0)
     error: str | None = None
+    queue_seconds: float | None = Field(None, ge=0)  # first event: waited in the engine
+
+
+class WorkBatch(Message):
+    """The answer to a WorkPoll: requests for the engine to take (possibly none), and those it
+    holds whose clients went away since its last poll."""
+
+    requests: list[GenerationRequest] = []
+    cancelled: list[str] = []
 
 
 class EventBatch(Message):

@@ -26,6 +26,7 @@ from shardcompute.protocol import (
     GenerationRequest,
     LoadedReport,
     MetricsReport,
+    WorkBatch,
     WorkerMetrics,
     WorkPoll,
     decode,
@@ -88,8 +89,8 @@ def poll_forever(http: httpx.Client, a: Assignment) -> None:
         if r.status_code == 409:
             return
         r.raise_for_status()
-        if r.status_code == 200:
-            serve_one(http, decode(GenerationRequest, r.content), totals)
+        for req in decode(WorkBatch, r.content).requests:  # one at a time: max_requests=1
+            serve_one(http, req, totals)
             report = MetricsReport(generation=a.generation, metrics=totals)
             http.post(f"/workers/{a.worker_id}/metrics", content=report.model_dump_json())
 

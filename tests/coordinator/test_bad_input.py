@@ -209,6 +209,7 @@ def cluster(tmp_path_factory, smollm2_gguf, expected) -> Iterator[LocalCluster]:
         smollm2_gguf,
         api_key=API_KEY,
         SHARDCOMPUTE_COORDINATOR__MAX_QUEUED_REQUESTS="1",  # a second waiting request is a 429
+        SHARDCOMPUTE_ENGINE__MAX_BATCH_SIZE="1",  # ... behind one running: the engine takes no more
     )
     try:
         yield cluster

@@ -139,7 +139,7 @@ def test_cluster_json_and_metrics(secured_cluster, client):
     text = httpx.get(secured_cluster.url + "/metrics", headers=secured_cluster.auth()).text
     assert 'shardcompute_cluster_state{state="ready"} 1.0' in text
     assert 'shardcompute_requests_total{endpoint="completions",outcome="ok"}' in text
-    assert "shardcompute_time_to_first_token_seconds_count" in text
+    assert "shardcompute:time_to_first_token_seconds_count" in text
     assert "shardcompute_queue_depth 0.0" in text
     rank0 = next(w for w in view["workers"] if w["rank"] == 0)
     assert f'shardcompute_worker_memory_bytes{{host="{rank0["facts"]["host"]}",rank="0"' in text

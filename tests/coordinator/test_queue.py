@@ -31,9 +31,35 @@ def test_fifo_take_and_timeout():
         q = RequestQueue(8, FakeClock())
         for i in range(3):
             await q.submit(request(i))
-        taken = [(await q.take(0.01)).request_id for _ in range(3)]
+        taken = [(await q.take(0.01))[0].request_id for _ in range(3)]
         assert taken == ["r0", "r1", "r2"] and q.depth == 0 and q.in_flight == 3
-        assert await q.take(0.01) is None
+        assert await q.take(0.01) == []
+
+    run(go())
+
+
+def test_take_up_to_the_free_rows_oldest_first():
+    async def go():
+        q = RequestQueue(8, FakeClock())
+        for i in range(5):
+            await q.submit(request(i))
+        assert [j.request_id for j in await q.take(0.01, most=3)] == ["r0", "r1", "r2"]
+        assert await q.take(0.01, most=0) == [] and q.depth == 2  # no free rows: nothing taken
+        assert [j.request_id for j in await q.take(0.01, most=8)] == ["r3", "r4"]
+        assert q.in_flight == 5
+
+    run(go())
+
+
+def test_cancelled_active_requests_are_told_once():
+    async def go():
+        q = RequestQueue(8, FakeClock())
+        await q.submit(request(1))
+        await q.submit(request(2))
+        await q.take(0.01, most=1)
+        q.cancel("r1")  # taken by the engine: it is told at its next poll
+        q.cancel("r2")  # still pending: the engine never sees it
+        assert q.take_cancelled() == ["r1"] and q.take_cancelled() == []
 
     run(go())
 
@@ -44,7 +70,7 @@ def test_take_wakes_when_work_arrives():
         waiter = asyncio.create_task(q.take(2.0))
         await asyncio.sleep(0)
         await q.submit(request(1))
-        assert (await waiter).request_id == "r1"
+        assert [j.request_id for j in await waiter] == ["r1"]
 
     run(go())
 
@@ -84,7 +110,7 @@ def test_cancel_frees_pending_and_active_slots():
         q.cancel("r2")  # pending: it never reaches the engine
         assert (q.depth, q.in_flight) == (0, 0)
         assert q.post("r1", [GenerationEvent(text="x")]) is True
-        assert await q.take(0.01) is None
+        assert await q.take(0.01) == []
 
     run(go())
 
@@ -127,8 +153,8 @@ def test_metrics_time_first_token_and_gaps():
     m.observe_event(job, GenerationEvent(text="bc", token_ids=[2, 3]), clock.now + 0.7)
     m.observe_event(job, GenerationEvent(finish_reason="stop"), clock.now + 0.8)
     text = m.render().decode()
-    assert "shardcompute_time_to_first_token_seconds_sum 0.5" in text
-    assert "shardcompute_inter_token_latency_seconds_count 2.0" in text
+    assert "shardcompute:time_to_first_token_seconds_sum 0.5" in text
+    assert "shardcompute:inter_token_latency_seconds_count 2.0" in text
     assert 'shardcompute_cluster_state{state="ready"} 1.0' in text
 
 

@@ -17,7 +17,7 @@ from shardcompute.engine.job import ModelSpec
 from shardcompute.engine.params import SamplingParams
 from shardcompute.engine.rank_main import encode_prompt, stop_ids, tokenizer_for
 from shardcompute.model.loader import load_model
-from shardcompute.worker.engine import FAULT_ENV
+from shardcompute.worker.serving import FAULT_ENV
 
 QUESTION = "What is the capital of France?"
 OTHER_QUESTIONS = ["Name three primary colors.", "What is 7 times 8?", "Who wrote Hamlet?"]

@@ -76,7 +76,8 @@ def time_generation(model: Model, prompt: list[int], max_tokens: int) -> tuple[f
 
 def collective_profile(model: Model, prompt: list[int], max_tokens: int) -> dict:
     """Collectives per token and seconds in them per token, from one profiled run (each
-    collective's inputs are evaluated first, so its time is communication and waiting)."""
+    collective's inputs are evaluated first, so its time is communication and waiting). The
+    model's collectives are counted apart from the step plans' ("control")."""
     comm = model.comm
     comm.reset_stats()
     comm.profile = True
@@ -84,12 +85,14 @@ def collective_profile(model: Model, prompt: list[int], max_tokens: int) -> dict
         ttft, rest = time_generation(model, prompt, max_tokens)
     finally:
         comm.profile = False
-    per_token = {k: v / max_tokens for k, v in comm.counts.items()}
-    seconds = sum(comm.seconds.values())
+    per_token = {k: v / max_tokens for k, v in comm.counts.items() if k != "control"}
+    seconds = sum(v for k, v in comm.seconds.items() if k != "control")
     return {
         "collectives_per_token": sum(per_token.values()),
         "collectives_by_op": per_token,
         "collective_s_per_token": seconds / max_tokens,
+        "control_per_token": comm.counts["control"] / max_tokens,
+        "control_s_per_token": comm.seconds["control"] / max_tokens,
         "profiled_step_s": (ttft + rest) / max_tokens,
     }
 

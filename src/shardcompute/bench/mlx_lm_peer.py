@@ -75,7 +75,7 @@ def random_mlx_lm_model(name: str, dtype: str, bits: int, group_size: int) -> nn
     """mlx-lm's model class for a dummy config, its own random weights, in bf16 or quantized."""
     from mlx_lm.utils import _get_classes
 
-    from shardcompute.model.args import DUMMY_CONFIGS
+    from shardcompute.model_spec import DUMMY_CONFIGS
 
     config = {"model_type": "llama", **DUMMY_CONFIGS[name]}
     config.setdefault("rms_norm_eps", 1e-5)

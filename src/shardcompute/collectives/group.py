@@ -83,7 +83,15 @@ class Collectives:
         """
         return self._run("all_gather", x, lambda a: self._gather(a, axis, sizes))
 
-    def broadcast(self, x: mx.array, root: int = 0) -> mx.array:
+    def control_sum(self, x: mx.array) -> mx.array:
+        """An all-reduce of control data (step plans), counted apart from the model's."""
+        return self._run("control", x, lambda a: mx.distributed.all_sum(a, group=self.group))
+
+    def control_broadcast(self, x: mx.array, root: int = 0) -> mx.array:
+        """`broadcast` of control data, counted apart from the model's collectives."""
+        return self.broadcast(x, root, name="control")
+
+    def broadcast(self, x: mx.array, root: int = 0, name: str = "broadcast") -> mx.array:
         """Every rank gets root's `x` (same shape and dtype on all ranks)."""
 
         def op(a: mx.array) -> mx.array:
@@ -92,18 +100,18 @@ class Collectives:
             mine = a if self.rank == root else mx.depends([mx.zeros_like(a)], [a])[0]
             return mx.distributed.all_sum(mine, group=self.group)
 
-        return self._run("broadcast", x, op)
+        return self._run(name, x, op)
 
     def broadcast_object(self, obj: Any = None, root: int = 0) -> Any:
         """Send a small JSON-able control message from root to every rank; returns it."""
         if self.size == 1:
-            self.counts["broadcast"] += 1
+            self.counts["control"] += 1
             return obj
         payload = json.dumps(obj).encode() if self.rank == root else b""
-        length = self.broadcast(mx.array([len(payload)], dtype=mx.int32), root)
+        length = self.control_broadcast(mx.array([len(payload)], dtype=mx.int32), root)
         n = int(length.item())
         data = mx.array(list(payload), dtype=mx.uint8) if self.rank == root else None
-        data = self.broadcast(data if data is not None else mx.zeros((n,), mx.uint8), root)
+        data = self.control_broadcast(data if data is not None else mx.zeros((n,), mx.uint8), root)
         return json.loads(bytes(data.tolist()).decode())
 
     def barrier(self) -> None:

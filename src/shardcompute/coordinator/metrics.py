@@ -1,5 +1,11 @@
 """Metrics in Prometheus text format: request timings as they happen, worker and cluster
-gauges read from the registry and queue at scrape time."""
+gauges read from the registry and queue at scrape time.
+
+The serving metrics follow vLLM's names under a `shardcompute:` prefix (vLLM's `vllm:`), so
+dashboards written for one read the other: num_requests_running / _waiting, kv_cache_usage_perc,
+num_preemptions_total, time_to_first_token_seconds, inter_token_latency_seconds,
+request_queue_time_seconds, e2e_request_latency_seconds, prompt/generation_tokens_total, and
+batch_size (rows decoded per engine step)."""
 
 from __future__ import annotations
 
@@ -13,10 +19,12 @@ from prometheus_client.registry import Collector
 
 from shardcompute.coordinator.health import Clock
 from shardcompute.coordinator.queue import Job
-from shardcompute.protocol import ClusterView, GenerationEvent
+from shardcompute.protocol import ClusterView, GenerationEvent, WorkerMetrics
 
 CLUSTER_STATES = ("forming", "loading", "ready", "degraded")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class TokenRate:
@@ -78,26 +86,57 @@ class Metrics:
             ["endpoint", "outcome"],
             registry=self.registry,
         )
+        r = self.registry
         self.ttft = Histogram(
-            "shardcompute_time_to_first_token_seconds",
+            "shardcompute:time_to_first_token_seconds",
             "Time from arrival to the first generated text, queueing included",
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=r,
         )
         self.token_latency = Histogram(
-            "shardcompute_inter_token_latency_seconds",
+            "shardcompute:inter_token_latency_seconds",
             "Time between generated tokens after the first",
             buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=r,
         )
-        self.registry.register(_ClusterCollector(view))
+        self.queue_time = Histogram(
+            "shardcompute:request_queue_time_seconds",
+            "Time from arrival to the request's first engine step (coordinator and engine)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "shardcompute:e2e_request_latency_seconds",
+            "Time from arrival to the last event of a finished request",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "shardcompute:batch_size",
+            "Rows decoded per engine step",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "shardcompute:prompt_tokens", "Prompt tokens of finished requests", registry=r
+        )
+        self.generation_tokens = Counter(
+            "shardcompute:generation_tokens", "Tokens generated", registry=r
+        )
+        r.register(_ClusterCollector(view))
 
     def observe_event(self, job: Job, event: GenerationEvent, now: float) -> None:
         """Time a generation event as it reaches the coordinator."""
+        if event.queue_seconds is not None and job.taken_at is not None:
+            self.queue_time.observe(job.taken_at - job.created + event.queue_seconds)
+        if event.finish_reason in ("stop", "length"):
+            self.e2e.observe(now - job.created)
+            self.prompt_tokens.inc(event.prompt_tokens)
         n = len(event.token_ids) or (1 if event.text else 0)
         if n == 0:
             return
         self.tokens.add(n)
+        self.generation_tokens.inc(n)
         if job.first_token_at is None:
             job.first_token_at = now
             self.ttft.observe(now - job.created)
@@ -109,6 +148,11 @@ class Metrics:
                 self.token_latency.observe(gap)
             self.recent_token_latency.add(gap, n)
         job.last_token_at = now
+
+    def observe_worker(self, metrics: WorkerMetrics) -> None:
+        """An engine's report: the batch size of each step it ran since its last one."""
+        for size in metrics.batch_sizes:
+            self.batch_size.observe(size)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -137,7 +181,29 @@ class _ClusterCollector(Collector):
         yield GaugeMetricFamily(
             "shardcompute_tokens_per_second", "Over the last 10 s", value=v.tokens_per_second
         )
+        yield from _scheduler_families(v)
         yield from _worker_families(v)
+
+
+def _scheduler_families(v: ClusterView) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """vLLM's scheduler gauges, from rank 0's latest report (the scheduler lives there)."""
+    m = next((w.metrics for w in v.workers if w.rank == 0), WorkerMetrics())
+    yield GaugeMetricFamily(
+        "shardcompute:num_requests_running", "Requests in the running batch", value=m.running
+    )
+    yield GaugeMetricFamily(
+        "shardcompute:num_requests_waiting",
+        "Requests waiting: queued at the coordinator, or taken by the engine and not admitted",
+        value=v.queue_depth + m.waiting,
+    )
+    usage = m.kv_tokens_used / m.kv_tokens_total if m.kv_tokens_total else 0.0
+    yield GaugeMetricFamily(
+        "shardcompute:kv_cache_usage_perc", "KV-cache positions allocated, of the budget",
+        value=usage,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "shardcompute:num_preemptions", "Requests preempted for KV space", value=m.preemptions
+    )
 
 
 def _worker_families(v: ClusterView) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

@@ -45,6 +45,7 @@ class RequestQueue:
         self._observer = observer
         self._pending: OrderedDict[str, Job] = OrderedDict()
         self._active: dict[str, Job] = {}
+        self._cancelled: set[str] = set()  # active requests cancelled since the engine's poll
         self._arrived = asyncio.Condition()
         self.submitted_total = 0
 
@@ -73,17 +74,27 @@ class RequestQueue:
             self._arrived.notify_all()
         return job
 
-    async def take(self, wait_seconds: float) -> Job | None:
-        """The oldest pending job, waiting up to `wait_seconds` for one (None on timeout)."""
+    async def take(self, wait_seconds: float, most: int = 1) -> list[Job]:
+        """Up to `most` of the oldest pending jobs, waiting up to `wait_seconds` for the first
+        (none on timeout, or when `most` is 0)."""
+        if most <= 0:
+            await asyncio.sleep(wait_seconds)
+            return []
         async with self._arrived:
             try:
                 await asyncio.wait_for(self._arrived.wait_for(lambda: self._pending), wait_seconds)
             except asyncio.TimeoutError:
-                return None
-            _, job = self._pending.popitem(last=False)
-        job.taken_at = self._clock()
-        self._active[job.request_id] = job
-        return job
+                return []
+            jobs = [self._pending.popitem(last=False)[1] for _ in range(min(most, self.depth))]
+        for job in jobs:
+            job.taken_at = self._clock()
+            self._active[job.request_id] = job
+        return jobs
+
+    def take_cancelled(self) -> list[str]:
+        """The active requests whose clients went away since the last call."""
+        cancelled, self._cancelled = sorted(self._cancelled), set()
+        return cancelled
 
     def post(self, request_id: str, events: list[GenerationEvent]) -> bool:
         """Deliver the engine's events; True when the engine should stop this request."""
@@ -105,9 +116,11 @@ class RequestQueue:
         return request_id not in self._active
 
     def cancel(self, request_id: str) -> None:
-        """Free the slot of a request whose client went away."""
+        """Free the slot of a request whose client went away; the engine learns it at its next
+        poll (or event post)."""
         self._pending.pop(request_id, None)
-        self._active.pop(request_id, None)
+        if self._active.pop(request_id, None) is not None:
+            self._cancelled.add(request_id)
 
     def fail_all(self, message: str) -> None:
         """End every pending and active request with `message` (the cluster lost a rank)."""
@@ -115,3 +128,4 @@ class RequestQueue:
             job.events.put_nowait(GenerationEvent(finish_reason="error", error=message))
         self._pending.clear()
         self._active.clear()
+        self._cancelled.clear()

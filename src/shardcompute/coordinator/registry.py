@@ -26,6 +26,7 @@ from shardcompute.protocol import (
     Assignment,
     ClusterState,
     EngineState,
+    FailureReport,
     Heartbeat,
     HeartbeatResponse,
     LoadedReport,
@@ -152,6 +153,15 @@ class Registry:
         rec = self._live(worker_id)
         self._current(worker_id, generation)
         rec.metrics = metrics
+
+    def mark_failed(self, worker_id: str, report: FailureReport) -> None:
+        """An engine of the current generation says it is exiting: as if its agent had seen
+        it exit (the group is replaced), without waiting for the next heartbeat."""
+        rec = self._live(worker_id)
+        self._current(worker_id, report.generation)
+        log.warning("worker %s's engine is exiting: %s", worker_id, report.reason)
+        rec.note_engine("exited", report.generation)
+        self._reconcile()
 
     def sweep(self) -> None:
         """Declare workers dead whose heartbeats stopped, and update the state."""
@@ -323,6 +333,7 @@ class Registry:
             "model_name": cfg.model.name,
             "model_path": cfg.model.path,
             "dtype": cfg.model.dtype_request(),
+            "engine": cfg.engine,
             "backend": cfg.parallelism.topology,
         }
         diffs = [f"{k}={getattr(a, k)!r}" for k, v in wanted.items() if getattr(a, k) != v]
@@ -467,6 +478,7 @@ class Registry:
             model_name=cfg.model.name,
             model_path=cfg.model.path,
             dtype=cfg.model.dtype_request(),
+            engine=cfg.engine,
             shard_dir=shard_dir,
             coordinator_url=self._coordinator_url,
             backend=cfg.parallelism.topology,

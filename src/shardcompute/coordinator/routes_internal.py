@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Request
 
 from shardcompute.coordinator.auth import coordinator_of, require_cluster_token
 from shardcompute.coordinator.relay import ClientGone, until_disconnect
@@ -10,13 +10,14 @@ from shardcompute.protocol import (
     Ack,
     CancelStatus,
     EventBatch,
-    GenerationRequest,
+    FailureReport,
     Heartbeat,
     HeartbeatResponse,
     LoadedReport,
     MetricsReport,
     RegisterRequest,
     RegisterResponse,
+    WorkBatch,
     WorkPoll,
 )
 
@@ -45,23 +46,34 @@ async def loaded(worker_id: str, body: LoadedReport, request: Request) -> Ack:
     return Ack()
 
 
-@router.post("/workers/{worker_id}/metrics")
-async def metrics(worker_id: str, body: MetricsReport, request: Request) -> Ack:
-    """An engine's running totals."""
-    coordinator_of(request).registry.update_metrics(worker_id, body.generation, body.metrics)
+@router.post("/workers/{worker_id}/failed")
+async def failed(worker_id: str, body: FailureReport, request: Request) -> Ack:
+    """An engine says it is exiting (its watchdog saw no progress): replace the group now."""
+    coordinator_of(request).registry.mark_failed(worker_id, body)
     return Ack()
 
 
-@router.post("/work/next", response_model=None)
-async def next_work(body: WorkPoll, request: Request) -> GenerationRequest | Response:
-    """Long poll: the next request for the rank-0 engine, or 204 after `wait_seconds`."""
+@router.post("/workers/{worker_id}/metrics")
+async def metrics(worker_id: str, body: MetricsReport, request: Request) -> Ack:
+    """An engine's running totals."""
+    coordinator = coordinator_of(request)
+    coordinator.registry.update_metrics(worker_id, body.generation, body.metrics)
+    coordinator.metrics.observe_worker(body.metrics)
+    return Ack()
+
+
+@router.post("/work/next")
+async def next_work(body: WorkPoll, request: Request) -> WorkBatch:
+    """Long poll: up to `max_requests` requests for the rank-0 engine (none after
+    `wait_seconds`), and the requests it holds that were cancelled meanwhile."""
     coordinator = coordinator_of(request)
     coordinator.registry.check_rank0(body.worker_id, body.generation)
+    queue = coordinator.queue
     try:
-        job = await until_disconnect(request, coordinator.queue.take(body.wait_seconds))
-    except ClientGone:  # taking a job now would lose it
-        return Response(status_code=204)
-    return Response(status_code=204) if job is None else job.request
+        jobs = await until_disconnect(request, queue.take(body.wait_seconds, body.max_requests))
+    except ClientGone:  # taking jobs now would lose them
+        return WorkBatch()
+    return WorkBatch(requests=[j.request for j in jobs], cancelled=queue.take_cancelled())
 
 
 @router.post("/work/{request_id}/events")

@@ -40,7 +40,7 @@ class Coordinator:
         model: ModelInfo | None = None,
     ):
         self.config = config
-        self.door = Door(model if model is not None else served_model(config.model))
+        self.door = Door(model if model is not None else served_model(config.model), self.kv_budget)
         self.cluster_token = cluster_token
         self.clock = clock
         self.registry = Registry(config, clock, coordinator_url)
@@ -50,6 +50,11 @@ class Coordinator:
         )
         self.traffic = TrafficLog()
         self.registry.listeners.append(self._on_state_change)
+
+    def kv_budget(self) -> int | None:
+        """The KV positions rank 0's scheduler may hold, once it has loaded."""
+        report = self.registry.loaded_report()
+        return report.kv_budget if report is not None else None
 
     @property
     def model_id(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Protocol
 
@@ -20,6 +21,7 @@ from pydantic import BeforeValidator, Field, ValidationInfo, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from shardcompute.coordinator.http_errors import ApiError
+from shardcompute.kv_layout import CAPACITY_STEP, kv_tokens
 from shardcompute.model.metadata import ModelInfo
 from shardcompute.model.tokenizer import encode_chat, encode_text
 from shardcompute.protocol import MAX_SEED, ChatMessage, GenerationRequest
@@ -182,8 +184,10 @@ class SamplingBody(Protocol):
 class Door:
     """Tokenizes a parsed request as the engine would and checks it against the model."""
 
-    def __init__(self, model: ModelInfo):
+    def __init__(self, model: ModelInfo, kv_budget: Callable[[], int | None] = lambda: None):
         self.model = model
+        # The KV positions the engine may hold (rank 0 reports it once loaded; None before).
+        self.kv_budget = kv_budget
         # One thread: tokenizing must not block the event loop, and the tokenizer is not
         # shared between threads.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="door")
@@ -244,10 +248,11 @@ class Door:
         context = self.model.context_length
         asked = body.requested_max_tokens()
         if asked is None and body.kind == "chat":
-            budget = context - prompt_tokens
+            budget = min(context, self._kv_room()) - prompt_tokens
         else:
             budget = asked if asked is not None else DEFAULT_COMPLETION_MAX_TOKENS
         if budget >= 1 and prompt_tokens + budget <= context:
+            self._check_kv(prompt_tokens, budget, asked is not None)
             return budget
         field = "messages" if body.kind == "chat" else "prompt"
         room = max(context - prompt_tokens, 0)
@@ -259,6 +264,27 @@ class Door:
             f"at most {room} tokens",
             param=param,
             code="context_length_exceeded",
+        )
+
+    def _kv_room(self) -> int:
+        """The longest sequence the engine's KV budget holds as one row (no limit if unknown)."""
+        budget = self.kv_budget()
+        return 1 << 62 if budget is None else budget // CAPACITY_STEP * CAPACITY_STEP - 1
+
+    def _check_kv(self, prompt_tokens: int, max_tokens: int, asked: bool) -> None:
+        """400 for a request that could not fit the engine's KV budget even alone."""
+        budget = self.kv_budget()
+        need = kv_tokens({0: prompt_tokens + max_tokens})
+        if budget is None or need <= budget:
+            return
+        param = "max_tokens" if asked else "messages"
+        raise ApiError(
+            f"{param}: the prompt ({prompt_tokens} tokens) and max_tokens ({max_tokens}) need "
+            f"{need} KV-cache positions, over the engine's budget of {budget} "
+            f"(engine.max_kv_tokens); ask for at most "
+            f"{max(self._kv_room() - prompt_tokens, 0)} tokens",
+            param=param,
+            code="kv_budget_exceeded",
         )
 
 

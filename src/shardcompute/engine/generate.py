@@ -1,10 +1,10 @@
 """Generation in three layers: `generate_step` (token ids, every rank) -> `stream_generate`
 (text deltas and timings, rank 0) -> `generate` (a string).
 
-SPMD: every rank runs `generate_step` with the same prompt and the same step count. Each step
-ends in one small all-gather that gives every rank the same message [token, stop] (see
-`VocabParallelChooser`). `stop` is rank 0's host-side decision (a stop string, a cancelled
-request), so all ranks end together.
+SPMD: every rank runs `generate_step`; rank 0 plans each step for its one request (the same
+scheduler and step loop as the serving engine, engine/runner.py), every rank executes the plan
+on its shard and sees the same tokens. `should_stop` is rank 0's host-side decision (a stop
+string, a cancelled request): the request leaves at the next step, and every rank ends.
 """
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import mlx.core as mx
-
-from shardcompute.collectives.group import Collectives
+from shardcompute.engine.leader import EngineLeader
 from shardcompute.engine.params import SamplingParams
-from shardcompute.engine.sampling import VocabParallelChooser
+from shardcompute.engine.runner import Runner, StepLoop
+from shardcompute.engine.scheduler import Request, Sampling, Scheduler, SchedulerConfig
+from shardcompute.engine.text import StreamingDetokenizer, cut_at_stop
+from shardcompute.kv_layout import kv_tokens
 from shardcompute.model.llama import Model
 
-PREFILL_STEP = 512
+PREFILL_CHUNK = 512  # prompt tokens per step; bounds a long prompt's peak memory
+REQUEST = "generate"
 
 
 def generate_step(
@@ -30,53 +32,58 @@ def generate_step(
     params: SamplingParams,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[int]:
-    """Yield generated token ids; ends at max_tokens, a stop token, or rank 0's stop flag."""
-    comm, cache = model.comm, model.make_cache()
-    stop_ids = set(params.stop_token_ids)
-    if not prompt_ids:
+    """Yield generated token ids, on every rank; ends at max_tokens, a stop token, or rank 0's
+    `should_stop`. Followers need not know the prompt: it travels in the step plans."""
+    if model.comm.rank == 0 and not prompt_ids:
         raise ValueError("prompt is empty: at least one token is needed")
-    choose = VocabParallelChooser(params, model.lm_head, shared_seed(comm, params))
-
-    def step(ids: mx.array) -> mx.array:
-        """ids (1, L) -> the step message (2,) int32: [token, stop]."""
-        flag = int(bool(should_stop and should_stop())) if comm.rank == 0 else 0
-        return choose(model.last_hidden(ids, cache), flag)
-
-    prompt = mx.array(prompt_ids, dtype=mx.int32)[None]
-    while prompt.shape[1] > PREFILL_STEP:  # chunked prefill bounds peak memory
-        mx.eval(model.last_hidden(prompt[:, :PREFILL_STEP], cache))
-        prompt = prompt[:, PREFILL_STEP:]
-    y = next_y = step(prompt)
-    mx.async_eval(y)
-    failed = False
+    leader = one_request_leader(model, prompt_ids, params) if model.comm.rank == 0 else None
+    steps = StepLoop(Runner(model), slots=1, leader=leader).steps()
     try:
-        for n in range(params.max_tokens):
-            if n + 1 < params.max_tokens:  # build the next step while this one computes
-                next_y = step(y[:1][None])
-                mx.async_eval(next_y)
-            token, stop = y.tolist()
-            if stop:
-                return
-            yield token
-            if token in stop_ids:
-                return
-            y = next_y
-    except BaseException as e:
-        failed = not isinstance(e, GeneratorExit)  # GeneratorExit: the consumer stopped early
+        for tokens in steps:
+            if leader is not None and should_stop is not None and should_stop():
+                leader.abort(REQUEST)
+            yield from tokens.values()
+    except GeneratorExit:
+        # The consumer stopped early: still run to the exit plan, so no rank is left waiting.
+        # Not after a failure: a lost peer would leave that exchange waiting forever.
+        if leader is not None:
+            leader.abort(REQUEST)
+            for _ in steps:
+                pass
         raise
-    finally:
-        # Finish the step in flight on every rank, so none exits with a peer mid-collective.
-        # Not after a failure: a lost peer would leave that step waiting forever.
-        if not failed:
-            mx.eval(next_y)
 
 
-def shared_seed(comm: Collectives, params: SamplingParams) -> int:
-    """The request's seed, or rank 0's random one sent to all: sampling must agree across ranks."""
-    if params.seed is not None or params.temperature == 0:
-        return params.seed or 0
-    seed = int.from_bytes(os.urandom(3), "little") if comm.rank == 0 else 0
-    return int(comm.broadcast(mx.array([seed], mx.int32)).item()) if comm.size > 1 else seed
+def one_request_leader(
+    model: Model, prompt_ids: Sequence[int], params: SamplingParams
+) -> EngineLeader:
+    """Rank 0's leader for one request; every rank exits when the request ends."""
+    need = kv_tokens({0: len(prompt_ids) + params.max_tokens})
+    config = SchedulerConfig(max_batch_size=1, max_kv_tokens=need, prefill_chunk=PREFILL_CHUNK)
+    leader = EngineLeader(Scheduler(config), sink=lambda events: None)
+
+    def finish_at_the_end(events) -> None:
+        if any(e.finish_reason is not None for e in events):
+            leader.finish()
+
+    leader.sink = finish_at_the_end
+    leader.submit(Request(REQUEST, list(prompt_ids), _sampling(params), arrival=time.monotonic()))
+    return leader
+
+
+def _sampling(params: SamplingParams) -> Sampling:
+    """A seed for every sampled request: rank 0 draws one when none was given (the plan
+    carries it to the other ranks)."""
+    seed = params.seed
+    if seed is None:
+        seed = int.from_bytes(os.urandom(7), "little") if params.temperature > 0 else 0
+    return Sampling(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=seed,
+        stop_token_ids=frozenset(params.stop_token_ids),
+    )
 
 
 @dataclass
@@ -92,28 +99,6 @@ class GenerationResponse:
     finish_reason: str | None = None  # "stop" | "length" | None while running
 
 
-class StreamingDetokenizer:
-    """Turns a growing token list into text deltas, holding back incomplete UTF-8."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.text = ""
-
-    def add(self, token: int) -> str:
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self.text = text[len(self.text) :], text
-        return delta
-
-    def flush(self) -> str:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        delta, self.text = text[len(self.text) :], text
-        return delta
-
-
 def stream_generate(
     model: Model,
     tokenizer,
@@ -123,7 +108,7 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Rank 0's view: text deltas as they come; the last response has finish_reason set.
 
-    Stop strings and cancellation end the request on every rank through the stop flag.
+    Stop strings and cancellation end the request on every rank at the next step.
     """
     detok, stopping, text = StreamingDetokenizer(tokenizer), [False], ""
 
@@ -144,7 +129,7 @@ def stream_generate(
             continue
         delta = detok.add(token)
         text += delta
-        delta, hit = _cut_at_stop(text, delta, params.stop)
+        delta, hit = cut_at_stop(text, delta, params.stop)
         if hit:
             stopping[0], finish = True, "stop"
         gen_tps = (n - 1) / max(time.perf_counter() - gen_start, 1e-9)
@@ -152,16 +137,6 @@ def stream_generate(
     gen_tps = (n - 1) / max(time.perf_counter() - gen_start, 1e-9) if n > 1 else 0.0
     tail = "" if finish == "stop" and stopping[0] else detok.flush()
     yield GenerationResponse(tail, None, len(prompt_ids), prompt_tps, n, gen_tps, finish)
-
-
-def _cut_at_stop(text: str, delta: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """Trim `delta` so the emitted text ends before the first stop string, if one appeared."""
-    for s in stops:
-        at = text.find(s, max(0, len(text) - len(delta) - len(s)))
-        if at != -1:
-            keep = at - (len(text) - len(delta))
-            return delta[: max(keep, 0)], True
-    return delta, False
 
 
 def generate_tokens(

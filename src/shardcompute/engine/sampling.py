@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -48,45 +49,87 @@ def _top_p(logits: mx.array, p: float) -> mx.array:
     return mx.take_along_axis(sorted_logits, inverse, axis=-1)
 
 
+@dataclass
+class RowSampler:
+    """One row's rule for choosing tokens, and its own random stream: a row draws the same
+    tokens whatever else is in the batch, and at any world size."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    key: mx.array | None = None
+
+    @classmethod
+    def joining(cls, temperature: float, top_k: int, top_p: float, seed: int, skip: int = 0):
+        """A fresh row, or a preempted one that already drew `skip` tokens."""
+        row = cls(temperature, top_k, top_p, mx.random.key(seed))
+        for _ in range(skip):
+            row.next_key()
+        return row
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the choice needs only each rank's slice of the logits (no top-k/top-p)."""
+        return self.temperature == 0 or (self.top_k == 0 and self.top_p == 1.0)
+
+    def next_key(self) -> mx.array:
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+
 class VocabParallelChooser:
-    """Picks the next token from a vocab-parallel LM head with one small collective.
+    """Picks each row's next token from a vocab-parallel LM head with one small collective.
 
     Greedy and plain temperature sampling never gather the logits: each rank takes the argmax
     of its slice (for temperature T, of logits/T plus Gumbel noise: the Gumbel-max trick, an
-    exact sample from softmax(logits/T)), and every rank gathers one row per rank of
-    [best value, its vocabulary index, stop flag] and keeps the best. The noise is drawn over
-    the whole vocabulary from the shared seed and sliced, so every rank, at any world size,
-    adds the same noise to the same token. top-k/top-p need the whole distribution: the logits
-    are gathered and rank 0's choice goes in the same row format. The result is the step
-    message [token, stop] (int32) that every rank sees identically.
+    exact sample from softmax(logits/T)), and every rank gathers, per row, [best value, its
+    vocabulary index] from every rank and keeps the best. A row's noise is drawn over the whole
+    vocabulary from its own stream and sliced, so every rank, at any world size and batch,
+    adds the same noise to the same token. Rows with top-k/top-p need the whole distribution:
+    the logits are gathered, every rank samples the same token from them, and rank 0's entry
+    is taken. Every rank gets the same tokens.
     """
 
-    def __init__(self, params: SamplingParams, head, seed: int):
-        self.params, self.head = params, head
+    def __init__(self, head):
+        self.head = head
         self.start, self.end = head.out_range
         self.vocab = sum(head.vocab_sizes)
         if self.vocab >= 1 << 24:
             raise ValueError(f"vocabulary of {self.vocab} tokens: indices must fit float32")
-        self.sharded = params.top_k == 0 and params.top_p == 1.0
-        self.key = mx.random.key(seed)
-        if not self.sharded:
-            self.full_sampler = make_sampler(params.model_copy(update={"seed": seed}))
 
-    def __call__(self, h: mx.array, stop_flag: int) -> mx.array:
-        """h (1, 1, hidden) -> message (2,) int32: [token, stop]."""
-        local = self.head.local_logits(h)[0, -1].astype(mx.float32)  # (local_vocab,)
-        flag = mx.array([float(stop_flag)])
-        if self.sharded:
-            if self.params.temperature > 0:
-                self.key, sub = mx.random.split(self.key)
-                noise = mx.random.gumbel((self.vocab,), key=sub)[self.start : self.end]
-                local = local / self.params.temperature + noise
-            best = mx.argmax(local)
-            row = mx.concatenate([local[best][None], (best + self.start)[None], flag])
-        else:
-            token = self.full_sampler(self.head.gather(local[None]))
-            row = mx.concatenate([mx.zeros((1,)), token.astype(mx.float32), flag])
-        rows = self.head.comm.all_gather(row[None], axis=0)  # (world, 3)
+    def __call__(self, h: mx.array, rows: list[RowSampler]) -> mx.array:
+        """h (R, 1, hidden): the rows' last hidden states -> their tokens (R,) int32."""
+        # The logits are upcast to float32 here, for sampling, and nowhere else.
+        local = self.head.local_logits(h)[:, -1].astype(mx.float32)  # (R, local_vocab)
+        adjusted = mx.stack([self._sharded(local[i], row) for i, row in enumerate(rows)])
+        best = mx.argmax(adjusted, axis=-1)
+        value = mx.take_along_axis(adjusted, best[:, None], axis=-1)[:, 0]
+        index = (best + self.start).astype(mx.float32)
+        full = [i for i, row in enumerate(rows) if not row.sharded]
+        if full:  # the same on every rank: every rank samples from the same gathered logits
+            logits = self.head.gather(local)
+            drawn = mx.stack([_sample_full(logits[i], rows[i]) for i in full])
+            index[mx.array(full)] = drawn.astype(mx.float32)
+        msg = mx.stack([value, index], axis=-1)  # (R, 2)
+        every = self.head.comm.all_gather(msg[None], axis=0)  # (world, R, 2)
         # First maximum: ranks hold ascending vocab ranges, so ties go to the lowest index.
-        pick = mx.argmax(rows[:, 0]) if self.sharded else 0
-        return mx.stack([rows[pick, 1], rows[0, 2]]).astype(mx.int32)
+        pick = mx.argmax(every[:, :, 0], axis=0)
+        if full:
+            pick[mx.array(full)] = 0
+        return every[pick, mx.arange(len(rows)), 1].astype(mx.int32)
+
+    def _sharded(self, local: mx.array, row: RowSampler) -> mx.array:
+        if row.temperature == 0 or not row.sharded:
+            return local
+        noise = mx.random.gumbel((self.vocab,), key=row.next_key())[self.start : self.end]
+        return local / row.temperature + noise
+
+
+def _sample_full(logits: mx.array, row: RowSampler) -> mx.array:
+    """One row's top-k/top-p sample from the whole vocabulary's logits (vocab,)."""
+    logits = logits / row.temperature
+    if row.top_k:
+        logits = _top_k(logits, row.top_k)
+    if row.top_p < 1.0:
+        logits = _top_p(logits, row.top_p)
+    return mx.random.categorical(logits, key=row.next_key())

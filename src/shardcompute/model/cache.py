@@ -1,89 +1,71 @@
-"""Per-rank KV cache with fixed-capacity buffers, and the positions of one forward pass.
+"""This rank's KV cache for a batch of rows: fixed-capacity buffers, a length per row.
 
-Every layer's keys and values live in (B, local_kv_heads, capacity, head_dim) buffers that
-grow in steps of 256 positions. Writes go in with `mx.slice_update` at an *array* offset and
-attention reads the whole buffer under a mask, so a decode step has the same shapes and the
-same graph at every position until the buffers grow: that is what lets `mx.compile` trace the
-step once and reuse it (see `Model.decode_hidden`).
+Every layer's keys and values live in (rows, local_kv_heads, capacity, head_dim) buffers. A
+request holds one row (its slot) from its first prefill chunk to its end. Rows are allocated
+in powers of two up to the engine's batch size and positions in steps of 256, so a decode step
+over the first `rows` slots has the same shapes until one of them grows, and `mx.compile` reuses
+its trace (see `Model.decode`). Growing copies the used part into new buffers, outside any
+compiled step. How much to hold is decided by the scheduler (`scheduler.kv_shape`), with the
+same arithmetic, so its accounting is this cache's real size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 
-from shardcompute.parallel.rope import Rotation
+from shardcompute.kv_layout import kv_shape
+from shardcompute.parallel.kv import LayerKV
 
 
-@dataclass
-class LayerKV:
-    """One layer's buffers; attention replaces them with the updated arrays."""
-
-    keys: mx.array
-    values: mx.array
-
-    def write(self, k: mx.array, v: mx.array, offset: mx.array) -> tuple[mx.array, mx.array]:
-        """Store (B, H, L, D) keys/values at `offset`; return the full buffers."""
-        self.keys = mx.slice_update(self.keys, k, offset, axes=(2,))
-        self.values = mx.slice_update(self.values, v, offset, axes=(2,))
-        return self.keys, self.values
-
-
-@dataclass
-class Positions:
-    """Where the L tokens of a forward pass sit: their offset, the attention mask, and (filled
-    in by the model) the RoPE rotation of those positions."""
-
-    offset: mx.array | int  # (1,) int32 with a cache, 0 without
-    mask: mx.array | str | None  # (L, capacity) bool with a cache; "causal" or None without
-    rotate: Rotation | None = None
-
-    @classmethod
-    def uncached(cls, length: int) -> Positions:
-        return cls(0, "causal" if length > 1 else None)
-
-    @classmethod
-    def cached(cls, offset: mx.array, length: int, capacity: int) -> Positions:
-        """Query i (at offset + i) sees buffer slots 0..offset + i; later slots are stale."""
-        q_pos = offset + mx.arange(length)[:, None]
-        return cls(offset, q_pos >= mx.arange(capacity)[None])
-
-
-class KVCache:
-    """The whole model's cache on this rank: one `LayerKV` per layer and the filled length."""
-
-    step = 256
+class BatchKVCache:
+    """The whole model's cache on this rank: one `LayerKV` per layer, and each row's length."""
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: mx.Dtype):
         self.num_layers = num_layers
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
         self.layers: list[LayerKV] = []
-        self.offset = 0
+        self.lengths: dict[int, int] = {}  # slot -> positions written
+
+    @property
+    def rows(self) -> int:
+        return self.layers[0].keys.shape[0] if self.layers else 0
 
     @property
     def capacity(self) -> int:
         return self.layers[0].keys.shape[2] if self.layers else 0
 
-    def reserve(self, batch: int, length: int) -> None:
-        """Make room for `length` more positions (grows every layer, outside any compiled step)."""
-        needed = self.offset + length
-        if needed <= self.capacity:
-            return
-        capacity = (needed + self.step - 1) // self.step * self.step
-        shape = (batch, self.kv_heads, capacity, self.head_dim)
-        grown = []
-        for i in range(self.num_layers):
-            k, v = mx.zeros(shape, self.dtype), mx.zeros(shape, self.dtype)
-            if self.layers:
-                old = self.layers[i]
-                k[..., : self.offset, :] = old.keys[..., : self.offset, :]
-                v[..., : self.offset, :] = old.values[..., : self.offset, :]
-            grown.append(LayerKV(k, v))
-        self.layers = grown
+    def reserve(self, lengths: dict[int, int]) -> None:
+        """Make room for rows at these lengths (slot -> positions needed): grow to at least
+        `kv_shape` of them. (The engine's scheduler sets the shape itself, with `resize`.)"""
+        rows, capacity = kv_shape({**self.lengths, **lengths})
+        if rows > self.rows or capacity > self.capacity:
+            self.resize(max(rows, self.rows), max(capacity, self.capacity))
 
-    def positions(self, length: int) -> Positions:
-        return Positions.cached(mx.array([self.offset], mx.int32), length, self.capacity)
+    def resize(self, rows: int, capacity: int) -> None:
+        """Buffers of exactly (rows, capacity), the rows' used positions copied over."""
+        if (rows, capacity) == (self.rows, self.capacity):
+            return
+        beyond = [s for s, n in self.lengths.items() if s >= rows or n >= capacity]
+        if beyond:
+            raise ValueError(f"KV rows {beyond} do not fit ({rows} rows, {capacity} positions)")
+        if rows == 0 or capacity == 0:
+            self.layers = []
+            return
+        shape = (rows, self.kv_heads, capacity, self.head_dim)
+        r, c = min(rows, self.rows), min(capacity, self.capacity)
+        resized = []
+        for layer in self.layers or [None] * self.num_layers:
+            k, v = mx.zeros(shape, self.dtype), mx.zeros(shape, self.dtype)
+            if layer is not None and r and c:
+                k[:r, :, :c, :] = layer.keys[:r, :, :c, :]
+                v[:r, :, :c, :] = layer.values[:r, :, :c, :]
+            resized.append(LayerKV(k, v))
+            mx.eval(k, v)  # one layer at a time: the old buffers go as the new ones come
+        self.layers = resized
+
+    def free(self, slot: int) -> None:
+        """Forget a row; its positions are overwritten by the next request in the slot."""
+        self.lengths.pop(slot, None)
 
     def arrays(self) -> list[mx.array]:
         return flatten(self.layers)

@@ -19,10 +19,10 @@ import mlx.core as mx
 
 from shardcompute.dtypes import QuantSpec, main_quant
 from shardcompute.errors import ModelFormatError
-from shardcompute.model.args import ModelArgs, dummy_args
 from shardcompute.model.dummy import dummy_tensors
 from shardcompute.model.gguf_file import load_gguf
 from shardcompute.model.tensor_io import open_safetensors
+from shardcompute.model_spec import ModelArgs, dummy_args
 
 Tensor = Any  # mx.array, LazyTensor or DummyTensor: has .shape, .dtype and slicing
 

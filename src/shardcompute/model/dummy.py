@@ -16,7 +16,7 @@ import math
 
 import mlx.core as mx
 
-from shardcompute.model.args import ModelArgs
+from shardcompute.model_spec import ModelArgs
 
 BLOCK = 128
 COLUMN_SPLIT = ("o_proj.weight", "down_proj.weight", "embed_tokens.weight")

@@ -8,8 +8,9 @@ So a forward pass makes 2 * num_hidden_layers + 2 collectives.
 Every tensor is in the compute dtype `dtype` (see dtypes.py): activations, the KV cache, the
 RoPE tables, norm weights, quantization scales and biases, and so every collective payload.
 
-A one-token decode step runs as one `mx.compile`d graph: the KV buffers have a fixed capacity
-and the position is an array, so the trace is reused at every position (see model/cache.py).
+Requests run as rows of a batch (model/cache.py): a prefill chunk of one row runs op by op; a
+decode step of every row runs as one `mx.compile`d graph whose shapes depend only on the
+cache's (rows, capacity), so its trace is reused at every position (see parallel/kv.py).
 Which kernels run (fused RoPE, compiled decode) is decided by device in parallel/kernels.py.
 """
 
@@ -23,11 +24,12 @@ import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
 from shardcompute.dtypes import QuantSpec
-from shardcompute.model.args import ModelArgs
-from shardcompute.model.cache import KVCache, LayerKV, Positions, flatten, unflatten
+from shardcompute.model.cache import BatchKVCache, flatten, unflatten
+from shardcompute.model_spec import ModelArgs
 from shardcompute.parallel.attention import ParallelAttention
 from shardcompute.parallel.embedding import HiddenParallelEmbedding
 from shardcompute.parallel.kernels import Kernels
+from shardcompute.parallel.kv import LayerKV, Positions
 from shardcompute.parallel.linear import VocabParallelLMHead
 from shardcompute.parallel.mlp import ParallelMLP
 from shardcompute.parallel.plan import PartitionPlan
@@ -146,51 +148,48 @@ class Model(nn.Module):
             dtype,
         )
 
-    def __call__(
-        self, ids: mx.array, cache: KVCache | None = None, last_only: bool = False
-    ) -> mx.array:
-        """ids (B, L) -> logits (B, L, vocab), or (B, 1, vocab) with last_only."""
-        h = self.hidden(ids, cache)
+    def __call__(self, ids: mx.array, last_only: bool = False) -> mx.array:
+        """ids (B, L) -> logits (B, L, vocab), or (B, 1, vocab) with last_only; no cache."""
+        h = self.hidden(ids)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
 
-    def hidden(self, ids: mx.array, cache: KVCache | None = None) -> mx.array:
-        """ids (B, L) -> final hidden states (B, L, hidden), op by op; appends to `cache`."""
-        if cache is None:
-            return self.model(ids)
-        B, L = ids.shape
-        cache.reserve(B, L)
-        h = self.model(ids, cache.layers, cache.positions(L))
-        cache.offset += L
+    def hidden(self, ids: mx.array) -> mx.array:
+        """ids (B, L) -> final hidden states (B, L, hidden) of a whole sequence, no cache."""
+        return self.model(ids)
+
+    def prefill(self, ids: mx.array, cache: BatchKVCache, slot: int) -> mx.array:
+        """One row's next chunk, ids (1, L) -> (1, L, hidden), op by op: stored in the row's
+        buffers after what it holds, attending to the row's used positions only."""
+        offset, length = cache.lengths.get(slot, 0), ids.shape[1]
+        cache.reserve({slot: offset + length})
+        h = self.model(ids, cache.layers, Positions.chunk(slot, offset, length))
+        cache.lengths[slot] = offset + length
         return h
 
-    def last_hidden(self, ids: mx.array, cache: KVCache) -> mx.array:
-        """The final hidden state of the last position, (B, 1, hidden): the LM head's input.
-
-        A one-token step runs compiled, unless collectives are being profiled (the profiler
-        evaluates inside the graph, which a compiled function cannot do).
-        """
-        if ids.shape[1] == 1 and self.kernels.compiled_decode and not self.comm.profile:
-            return self.decode_hidden(ids, cache)
-        return self.hidden(ids, cache)[:, -1:]
-
-    def decode_hidden(self, ids: mx.array, cache: KVCache) -> mx.array:
-        """One compiled decode step: ids (B, 1) -> (B, 1, hidden); appends to `cache`."""
-        if self._decode is None:
-            self._decode = mx.compile(self._decode_graph)
-        cache.reserve(ids.shape[0], 1)
-        offset = mx.array([cache.offset], mx.int32)
-        h, *arrays = self._decode(ids, offset, *cache.arrays())
+    def decode(self, tokens: dict[int, int], cache: BatchKVCache) -> mx.array:
+        """One token for each of some rows ({slot: token}) -> (len, 1, hidden), in slot order
+        of `tokens`. The step runs over every row of the cache as one graph, compiled unless
+        collectives are being profiled (the profiler evaluates inside the graph)."""
+        cache.reserve({s: cache.lengths[s] + 1 for s in tokens})
+        ids = [[tokens.get(r, 0)] for r in range(cache.rows)]  # rows not decoding: ignored
+        offsets = [cache.lengths.get(r, 0) for r in range(cache.rows)]
+        step = self._decode_graph
+        if self.kernels.compiled_decode and not self.comm.profile:
+            self._decode = self._decode or mx.compile(self._decode_graph)
+            step = self._decode
+        h, *arrays = step(mx.array(ids, mx.int32), mx.array(offsets, mx.int32), *cache.arrays())
         cache.set_arrays(arrays)
-        cache.offset += 1
-        return h
+        for s in tokens:
+            cache.lengths[s] += 1
+        return h[mx.array(list(tokens), mx.int32)]
 
-    def _decode_graph(self, ids: mx.array, offset: mx.array, *arrays: mx.array) -> list[mx.array]:
-        """Pure in arrays (weights are constants of the trace): ids, offset, KV buffers ->
-        hidden state and the updated buffers."""
+    def _decode_graph(self, ids: mx.array, offsets: mx.array, *arrays: mx.array) -> list:
+        """Pure in arrays (weights are constants of the trace): ids (rows, 1), offsets (rows,),
+        KV buffers -> hidden states and the updated buffers."""
         kv = unflatten(list(arrays))
-        h = self.model(ids, kv, Positions.cached(offset, 1, arrays[0].shape[2]))
+        h = self.model(ids, kv, Positions.decode(offsets, arrays[0].shape[2]))
         return [h, *flatten(kv)]
 
     def fuse_projections(self) -> None:
@@ -205,9 +204,9 @@ class Model(nn.Module):
             mx.eval(layer.parameters())  # one layer at a time bounds the copy's peak memory
         self._decode = None
 
-    def make_cache(self) -> KVCache:
+    def make_cache(self) -> BatchKVCache:
         attn = self.model.layers[0].self_attn
-        return KVCache(
+        return BatchKVCache(
             self.args.num_hidden_layers,
             attn.local_num_kv_heads,
             attn.head_dim,

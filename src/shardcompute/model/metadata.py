@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from shardcompute.errors import ModelFormatError
-from shardcompute.model.args import ModelArgs, dummy_args
 from shardcompute.model.download import resolve_model
 from shardcompute.model.tokenizer import ByteTokenizer, load_tokenizer, read_gguf_metadata
+from shardcompute.model_spec import ModelArgs, dummy_args
 
 DUMMY_PREFIX = "dummy:"
 

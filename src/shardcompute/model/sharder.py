@@ -22,8 +22,8 @@ from mlx.utils import tree_flatten
 
 from shardcompute.dtypes import DtypePolicy, QuantSpec, main_quant
 from shardcompute.errors import ModelFormatError, ShardFileError
-from shardcompute.model.args import ModelArgs
 from shardcompute.model.tensor_io import SafetensorsWriter
+from shardcompute.model_spec import ModelArgs
 from shardcompute.parallel.plan import PartitionPlan
 
 MANIFEST_VERSION = 2

@@ -7,8 +7,8 @@ import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
 from shardcompute.dtypes import QuantSpec
-from shardcompute.model.args import ModelArgs
-from shardcompute.model.cache import LayerKV, Positions
+from shardcompute.model_spec import ModelArgs
+from shardcompute.parallel.kv import LayerKV, Positions
 from shardcompute.parallel.linear import ColumnParallelLinear, RowParallelLinear, fuse_columns
 from shardcompute.parallel.plan import RankSlices
 
@@ -59,7 +59,7 @@ class ParallelAttention(nn.Module):
         k = pos.rotate(split_heads(k, self.local_num_kv_heads))
         v = split_heads(v, self.local_num_kv_heads)
         if kv is not None:
-            k, v = kv.write(k, v, pos.offset)  # (B, local_kv_heads, capacity, head_dim)
+            k, v = pos.write(kv, k, v)  # (B, local_kv_heads, positions seen, head_dim)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
         return self.o_proj(merge_heads(o))
 

@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
 from shardcompute.dtypes import QuantSpec
-from shardcompute.model.args import ModelArgs
+from shardcompute.model_spec import ModelArgs
 from shardcompute.parallel.linear import ColumnParallelLinear, RowParallelLinear, fuse_columns
 from shardcompute.parallel.plan import RankSlices
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from math import lcm
 
 from shardcompute.errors import PlanError
-from shardcompute.model.args import ModelArgs
+from shardcompute.model_spec import ModelArgs
 
 Range = tuple[int, int]
 

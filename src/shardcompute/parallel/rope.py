@@ -11,15 +11,13 @@ promote a bf16 model's whole residual stream to float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from shardcompute.errors import ModelFormatError
-from shardcompute.model.args import ModelArgs
-
-Rotation = Callable[[mx.array], mx.array]  # (B, heads, L, head_dim) -> the same, rotated
+from shardcompute.model_spec import ModelArgs
+from shardcompute.parallel.kv import Rotation
 
 
 def _llama3_inv_freq(inv_freq: mx.array, cfg: dict) -> mx.array:
@@ -63,15 +61,18 @@ class RoPE(nn.Module):
         self._freqs = 1.0 / self._inv_freq  # mx.fast.rope's `freqs`: periods, not rates
 
     def rotation(self, offset: mx.array | int, length: int) -> Rotation:
-        """Rotate by positions offset .. offset + length - 1 (offset: an int or a (1,) array)."""
+        """Rotate by positions offset .. offset + length - 1; `offset` is an int, or a (B,)
+        array of per-row offsets (a decode batch)."""
         if self.fused:
             return lambda x: mx.fast.rope(
                 x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
                 freqs=self._freqs,
             )  # fmt: skip
-        positions = offset + mx.arange(length, dtype=mx.float32)
-        angles = positions[:, None] * self._inv_freq[None]  # (length, head_dim / 2)
+        starts = mx.array(offset) if isinstance(offset, int) else offset
+        starts = starts.astype(mx.float32).reshape(-1, 1)  # (B or 1, 1)
+        angles = (starts + mx.arange(length, dtype=mx.float32))[..., None] * self._inv_freq
         cos, sin = mx.cos(angles).astype(self.dtype), mx.sin(angles).astype(self.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # (B or 1, 1, length, head_dim / 2): per row
         return lambda x: rotate(x, cos, sin)
 
 

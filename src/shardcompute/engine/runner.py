@@ -1,0 +1,120 @@
+"""Executes step plans on this rank's model: the one place in the engine that runs MLX.
+
+`StepLoop` is the SPMD loop every rank runs, for `generate`, the benchmark and the serving
+engine alike: rank 0's leader plans, the plan is exchanged (one small collective when nothing
+changes), every rank executes it on its own shard, and every rank gets the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+import mlx.core as mx
+
+from shardcompute.collectives.group import Collectives
+from shardcompute.engine.sampling import RowSampler, VocabParallelChooser
+from shardcompute.engine.step_plan import HEADER_FIELDS, StepPlan, exit_votes, payload_length
+from shardcompute.model.llama import Model
+
+
+class Runner:
+    """This rank's rows: the batched KV cache, each row's sampler and last token."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.cache = model.make_cache()
+        self.chooser = VocabParallelChooser(model.lm_head)
+        self.rows: dict[int, RowSampler] = {}
+        self.last: dict[int, int] = {}  # the token each decoding row feeds next
+
+    def execute(self, plan: StepPlan) -> dict[int, int]:
+        """Run one step; the tokens it chose, {slot: token}: one per decoding row, and a first
+        one for each row whose prompt ends in this step's prefill."""
+        changes = plan.changes
+        for slot in changes.leaves:
+            self.cache.free(slot)
+            self.rows.pop(slot, None)
+            self.last.pop(slot, None)
+        for j in changes.joins:
+            self.rows[j.slot] = RowSampler.joining(j.temperature, j.top_k, j.top_p, j.seed, j.skip)
+            if j.last_token is not None:
+                self.last[j.slot] = j.last_token
+        self.cache.resize(plan.kv_rows, plan.kv_capacity)
+        tokens = {}
+        if plan.decode:
+            h = self.model.decode({s: self.last[s] for s in plan.decode}, self.cache)
+            chosen = self.chooser(h, [self.rows[s] for s in plan.decode])
+            tokens.update(zip(plan.decode, chosen.tolist(), strict=True))
+        for chunk in changes.prefill:
+            h = self.model.prefill(mx.array([chunk.tokens], mx.int32), self.cache, chunk.slot)
+            if chunk.last:
+                tokens[chunk.slot] = self.chooser(h[:, -1:], [self.rows[chunk.slot]]).item()
+            else:
+                mx.eval(h)  # a chunk's cost stays in its own step
+        self.last.update(tokens)
+        return tokens
+
+
+class Leader(Protocol):
+    """Rank 0's side of the loop (engine/leader.py)."""
+
+    def next_plan(self) -> StepPlan: ...
+
+    def after_step(self, plan: StepPlan, tokens: dict[int, int]) -> None: ...
+
+    def wait(self, seconds: float) -> None: ...
+
+
+def exchange(comm: Collectives, plan: StepPlan | None, slots: int, leave: bool) -> StepPlan:
+    """Rank 0's plan to every rank. The header is summed, so followers add their wish to
+    `leave` (any rank's exit ends every rank together) and nothing else."""
+    payload = plan.payload() if plan is not None else b""
+    if plan is not None:
+        header = plan.header(slots, payload, exit_votes=int(leave))
+    else:
+        header = [0] * (HEADER_FIELDS + slots)
+        header[5] = int(leave)
+    summed = comm.control_sum(mx.array(header, mx.int32)).tolist()
+    if exit_votes(summed):
+        return StepPlan(step=summed[2], kind="exit")
+    n = payload_length(summed)
+    if n:
+        data = mx.array(list(payload), mx.uint8) if plan is not None else mx.zeros((n,), mx.uint8)
+        payload = bytes(comm.control_broadcast(data).tolist())
+    return StepPlan.from_wire(summed, payload)
+
+
+class StepLoop:
+    """Every rank: exchange a plan, execute it, hand the tokens on, until a plan says exit."""
+
+    def __init__(self, runner: Runner, slots: int, leader: Leader | None = None):
+        self.runner, self.slots, self.leader = runner, slots, leader
+        self.comm = runner.model.comm
+        self.on_progress: Callable[[], None] = lambda: None  # a watchdog's pet
+
+    def steps(self, should_leave: Callable[[], bool] = lambda: False) -> Iterator[dict]:
+        """Yield each step's tokens ({slot: token}, the same on every rank)."""
+        while True:
+            mine = self.leader.next_plan() if self.leader is not None else None
+            plan = exchange(self.comm, mine, self.slots, should_leave())
+            self.on_progress()
+            if plan.kind == "exit":
+                return
+            if plan.kind == "idle":
+                self._idle(plan.idle_seconds)
+                continue
+            tokens = self.runner.execute(plan)
+            self.on_progress()
+            if self.leader is not None:
+                self.leader.after_step(plan, tokens)
+            yield tokens
+
+    def _idle(self, seconds: float) -> None:
+        """Wait without a collective in flight: nothing spins. Rank 0 wakes early if work
+        comes; the others are back in the next exchange by then."""
+        if self.leader is not None:
+            self.leader.wait(seconds)
+        else:
+            time.sleep(seconds)
