@@ -193,7 +193,7 @@ def test_benchmark_reports_and_writes_json(secured_cluster, tmp_path):
     report_file = tmp_path / "bench.json"
     out = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--coordinator-url", secured_cluster.url,
-         "--num-requests", "6", "--concurrency", "3", "--prompt-tokens", "4",
+         "--num-requests", "6", "--concurrency", "3", "--prompt-tokens", "16",
          "--max-tokens", "12", "--api-key", API_KEY, "--json", str(report_file)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
@@ -206,6 +206,37 @@ def test_benchmark_reports_and_writes_json(secured_cluster, tmp_path):
         assert set(report[key]) == {"mean", "p50", "p90", "p99"}
         assert report[key]["p50"] > 0
     assert report["aggregate_tokens_per_second"] > 0
+
+
+def test_benchmark_sweeps_concurrency_beside_a_peer(secured_cluster, tmp_path):
+    """One run: two levels against the cluster and against a peer (the same cluster again,
+    as an OpenAI-compatible server would be), a table, JSON per server and level, a plot."""
+    report_file, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    out = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--coordinator-url", secured_cluster.url,
+         "--concurrency", "1,2", "--prompt-tokens", "4", "--max-tokens", "6",
+         "--peer-url", secured_cluster.url, "--peer-name", "twin", "--api-key", API_KEY,
+         "--json", str(report_file), "--plot", str(plot)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "concurrency sweep" in out.stdout and "twin" in out.stdout
+    sweeps = json.loads(report_file.read_text())
+    assert set(sweeps) == {"shardcompute", "twin"}
+    for reports in sweeps.values():
+        assert [r["settings"]["concurrency"] for r in reports] == [1, 2]
+        assert [r["requests"] for r in reports] == [2, 4]  # 2 x concurrency by default
+        assert all(r["errors"] == 0 and r["itl_seconds"]["p50"] > 0 for r in reports)
+    assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("levels", ["0,2", "1,x"])
+def test_benchmark_refuses_bad_levels(levels):
+    out = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--concurrency", levels],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "concurrency" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_engine_crash_fails_its_request_alone_then_cluster_recovers(secured_cluster, client):

@@ -1,7 +1,14 @@
-"""An HTTP load test of the OpenAI API: N streamed completions at a given concurrency.
+"""An HTTP load test of the OpenAI API: streamed completions at one or more concurrencies.
 
-Reports time to first token, per-request decode tokens/s, aggregate tokens/s, latency
-percentiles and errors, as a table and as JSON.
+`--concurrency 1,2,4,8,16` sweeps the levels in one run. Each level reports time to first
+token, inter-token latency (per request: its decode time over its tokens), per-request decode
+tokens/s, aggregate tokens/s, latency percentiles and errors; the sweep is a table, JSON and a
+PNG of aggregate tok/s and TTFT against concurrency. `--peer-url` runs the same sweep against
+another OpenAI-compatible server (e.g. `mlx_lm.server` on the same weights) in the same run.
+
+Prompts count ("k, k+1, k+2, ..."), so greedy answers go on counting to max_tokens instead of
+stopping early, and each request starts at its own k, so a server's prompt cache cannot
+answer one request from another's prefix.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class RequestResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     decode_tokens_per_second: float | None = None
+    itl_seconds: float | None = None  # decode time per token after the first
     error: str | None = None
 
 
@@ -56,24 +64,27 @@ class BenchSettings:
     model: str | None = None
 
 
-def make_prompt(tokens: int) -> str:
-    """About `tokens` tokens of text: one common word per token for BPE vocabularies."""
-    return " ".join(["hello"] * tokens)
+def make_prompt(tokens: int, start: int = 1) -> str:
+    """About `tokens` tokens of counting from `start` (about 2 tokens a number: digits and a
+    comma), ending mid-count so the answer counts on."""
+    return " ".join(f"{k}," for k in range(start, start + max(1, tokens // 2)))
 
 
 def run_one(http: httpx.Client, body: dict[str, Any]) -> RequestResult:
-    """Send one streamed completion and time it."""
-    start, first, usage = time.perf_counter(), None, {}
+    """Send one streamed completion and time it. Without a usage chunk (some servers send
+    none), each text chunk counts as a token."""
+    start, first, usage, chunks = time.perf_counter(), None, {}, 0
     try:
         for chunk in stream_chunks(http, "/completions", body):
-            if first is None and chunk_text(chunk):
-                first = time.perf_counter()
+            if chunk_text(chunk):
+                chunks += 1
+                first = first or time.perf_counter()
             usage = chunk.get("usage") or usage
     except (ServerError, httpx.HTTPError) as e:
         why = failure_text(e, str(http.base_url))
         return RequestResult(False, time.perf_counter() - start, error=why)
     end = time.perf_counter()
-    n = usage.get("completion_tokens", 0)
+    n = usage.get("completion_tokens", chunks)
     decode = (n - 1) / (end - first) if first is not None and n > 1 and end > first else None
     return RequestResult(
         ok=True,
@@ -82,6 +93,7 @@ def run_one(http: httpx.Client, body: dict[str, Any]) -> RequestResult:
         prompt_tokens=usage.get("prompt_tokens", 0),
         completion_tokens=n,
         decode_tokens_per_second=decode,
+        itl_seconds=1 / decode if decode else None,
     )
 
 
@@ -91,16 +103,19 @@ def run_benchmark(
     """Run the load and return the summary (as written to JSON)."""
     with api_client(url, api_key, tls_ca=tls_ca) as http:
         model = settings.model or served_model(http)
-        body = {
-            "model": model,
-            "prompt": make_prompt(settings.prompt_tokens),
-            "max_tokens": settings.max_tokens,
-            "temperature": 0.0,
-            "stream_options": {"include_usage": True},
-        }
+
+        def body(i: int) -> dict[str, Any]:
+            return {
+                "model": model,
+                "prompt": make_prompt(settings.prompt_tokens, start=1 + 1000 * i),
+                "max_tokens": settings.max_tokens,
+                "temperature": 0.0,
+                "stream_options": {"include_usage": True},
+            }
+
         start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
-            results = list(pool.map(lambda _: run_one(http, body), range(settings.num_requests)))
+            results = list(pool.map(lambda i: run_one(http, body(i)), range(settings.num_requests)))
         wall = time.perf_counter() - start
     return summarize(results, wall, settings, url, model)
 
@@ -142,6 +157,7 @@ def summarize(
         "decode_tokens_per_second": summary_stats(
             [r.decode_tokens_per_second for r in ok if r.decode_tokens_per_second is not None]
         ),
+        "itl_seconds": summary_stats([r.itl_seconds for r in ok if r.itl_seconds is not None]),
         "latency_seconds": summary_stats([r.latency_seconds for r in ok]),
         "results": [asdict(r) for r in results],
     }
@@ -158,6 +174,7 @@ def print_report(report: dict, console: Console) -> None:
         table.add_column(col, justify="left" if col == "measure" else "right")
     for name, key, fmt in (
         ("TTFT (ms)", "ttft_seconds", lambda v: f"{v * 1000:.1f}"),
+        ("inter-token latency (ms)", "itl_seconds", lambda v: f"{v * 1000:.1f}"),
         ("decode tok/s per request", "decode_tokens_per_second", lambda v: f"{v:.1f}"),
         ("latency (s)", "latency_seconds", lambda v: f"{v:.3f}"),
     ):
@@ -182,11 +199,85 @@ def write_json(path: str, report: dict, console: Console) -> None:
     console.print(f"wrote {path}")
 
 
+def run_sweep(url: str, args: argparse.Namespace, console: Console) -> list[dict]:
+    """One report per concurrency level, in order."""
+    reports = []
+    for c in args.concurrency:
+        n = args.num_requests or 2 * c
+        settings = BenchSettings(n, c, args.prompt_tokens, args.max_tokens, args.model)
+        report = run_benchmark(url, settings, args.api_key, args.tls_ca)
+        if len(args.concurrency) == 1:
+            print_report(report, console)
+        reports.append(report)
+    return reports
+
+
+def sweep_table(sweeps: dict[str, list[dict]], console: Console) -> None:
+    """One row per server and concurrency: the figures the sweep is for."""
+    table = Table(title="concurrency sweep: streamed completions")
+    for col in ("server", "concurrency", "requests", "aggregate tok/s", "TTFT p50 (ms)"):
+        table.add_column(col, justify="left" if col == "server" else "right")
+    for col in ("TTFT p90 (ms)", "ITL p50 (ms)", "latency p50 (s)", "errors"):
+        table.add_column(col, justify="right")
+    ms = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
+    for name, reports in sweeps.items():
+        for r in reports:
+            table.add_row(
+                name,
+                str(r["settings"]["concurrency"]),
+                str(r["requests"]),
+                f"{r['aggregate_tokens_per_second']:.1f}",
+                ms(r["ttft_seconds"]["p50"]),
+                ms(r["ttft_seconds"]["p90"]),
+                ms(r["itl_seconds"]["p50"]),
+                "-"
+                if r["latency_seconds"]["p50"] is None
+                else f"{r['latency_seconds']['p50']:.2f}",
+                str(r["errors"]),
+            )
+    console.print(table)
+
+
+def plot_sweep(sweeps: dict[str, list[dict]], path: str) -> None:
+    """Aggregate tok/s and TTFT p50 against concurrency, one line per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rate, ttft) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, reports in sweeps.items():
+        c = [r["settings"]["concurrency"] for r in reports]
+        rate.plot(c, [r["aggregate_tokens_per_second"] for r in reports], "o-", label=name)
+        ttft.plot(c, [r["ttft_seconds"]["p50"] or 0 for r in reports], "o-", label=name)
+    for ax, label in ((rate, "aggregate tok/s"), (ttft, "TTFT p50 (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,2,4, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"concurrency levels must be at least 1, got {text!r}")
+    return levels
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__)
     p.add_argument("--coordinator-url", default="http://127.0.0.1:8000")
-    p.add_argument("--num-requests", type=int, required=True)
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--num-requests", type=int, help="per level (default: 2 x concurrency)")
+    p.add_argument(
+        "--concurrency", type=_levels, default=[1], help="one level, or a sweep like 1,2,4,8,16"
+    )
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--model", help="model id (default: the first the server lists)")
@@ -196,7 +287,10 @@ def _parser() -> argparse.ArgumentParser:
         default=default_tls_ca(),
         help="verify an https:// coordinator against this CA file",
     )
+    p.add_argument("--peer-url", help="also sweep this OpenAI-compatible server (base URL)")
+    p.add_argument("--peer-name", default="peer", help="the peer's name in tables and plots")
     p.add_argument("--json", help="write the report here as JSON")
+    p.add_argument("--plot", help="write a PNG of tok/s and TTFT against concurrency here")
     return p
 
 
@@ -204,23 +298,31 @@ def bench_main(argv: list[str] | None = None) -> int:
     """Entry point of scripts/benchmark.py; exit code 1 when any request failed."""
     args = _parser().parse_args(argv)
     console = Console(highlight=False, soft_wrap=True)
-    for flag in ("num_requests", "concurrency", "prompt_tokens", "max_tokens"):
-        if getattr(args, flag) < 1:
+    for flag in ("num_requests", "prompt_tokens", "max_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
             console.print(f"error: --{flag.replace('_', '-')} must be at least 1")
             return 2
-    settings = BenchSettings(
-        args.num_requests, args.concurrency, args.prompt_tokens, args.max_tokens, args.model
-    )
-    try:
-        report = run_benchmark(args.coordinator_url, settings, args.api_key, args.tls_ca)
-    except (ServerError, httpx.HTTPError, ShardComputeError) as e:
-        why = failure_text(e, args.coordinator_url, args.tls_ca)
-        console.print(f"error: cannot benchmark {args.coordinator_url}: {why}", markup=False)
-        return 2
-    print_report(report, console)
+    servers = {"shardcompute": args.coordinator_url}
+    if args.peer_url:
+        servers[args.peer_name] = args.peer_url
+    sweeps: dict[str, list[dict]] = {}
+    for name, url in servers.items():
+        try:
+            sweeps[name] = run_sweep(url, args, console)
+        except (ServerError, httpx.HTTPError, ShardComputeError) as e:
+            why = failure_text(e, url, args.tls_ca)
+            console.print(f"error: cannot benchmark {url}: {why}", markup=False)
+            return 2
+    if len(args.concurrency) > 1 or args.peer_url:
+        sweep_table(sweeps, console)
     if args.json:
-        write_json(args.json, report, console)
-    return 1 if report["errors"] else 0
+        only = len(sweeps) == 1 and len(args.concurrency) == 1
+        write_json(args.json, sweeps["shardcompute"][0] if only else sweeps, console)
+    if args.plot:
+        plot_sweep(sweeps, args.plot)
+    errors = sum(r["errors"] for reports in sweeps.values() for r in reports)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
