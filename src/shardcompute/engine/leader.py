@@ -50,7 +50,8 @@ class EngineLeader:
             return StepPlan(step=self.scheduler.step, kind="exit")
         return self.scheduler.schedule()
 
-    def after_step(self, plan: StepPlan, tokens: dict[int, int]) -> None:
+    def take_tokens(self, tokens: dict[int, int]) -> None:
+        """Tokens chosen in this step, as soon as they are: the requests get them now."""
         events = self.scheduler.update(tokens)
         s = self.scheduler
         self.free_rows = s.config.max_batch_size - len(s.running) - len(s.waiting)

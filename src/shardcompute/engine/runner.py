@@ -29,9 +29,13 @@ class Runner:
         self.rows: dict[int, RowSampler] = {}
         self.last: dict[int, int] = {}  # the token each decoding row feeds next
 
-    def execute(self, plan: StepPlan) -> dict[int, int]:
+    def execute(
+        self, plan: StepPlan, on_tokens: Callable[[dict[int, int]], None] = lambda t: None
+    ) -> dict[int, int]:
         """Run one step; the tokens it chose, {slot: token}: one per decoding row, and a first
-        one for each row whose prompt ends in this step's prefill."""
+        one for each row whose prompt ends in this step's prefill. `on_tokens` gets each group
+        as soon as it is chosen (the decoding rows', then each prompt's first), so a request
+        need not wait for the rest of the step's prefills."""
         changes = plan.changes
         for slot in changes.leaves:
             self.cache.free(slot)
@@ -46,15 +50,20 @@ class Runner:
         if plan.decode:
             h = self.model.decode({s: self.last[s] for s in plan.decode}, self.cache)
             chosen = self.chooser(h, [self.rows[s] for s in plan.decode])
-            tokens.update(zip(plan.decode, chosen.tolist(), strict=True))
+            self._chose(dict(zip(plan.decode, chosen.tolist(), strict=True)), tokens, on_tokens)
         for chunk in changes.prefill:
             h = self.model.prefill(mx.array([chunk.tokens], mx.int32), self.cache, chunk.slot)
             if chunk.last:
-                tokens[chunk.slot] = self.chooser(h[:, -1:], [self.rows[chunk.slot]]).item()
+                first = self.chooser(h[:, -1:], [self.rows[chunk.slot]]).item()
+                self._chose({chunk.slot: first}, tokens, on_tokens)
             else:
                 mx.eval(h)  # a chunk's cost stays in its own step
-        self.last.update(tokens)
         return tokens
+
+    def _chose(self, chosen: dict[int, int], tokens: dict[int, int], on_tokens) -> None:
+        self.last.update(chosen)
+        tokens.update(chosen)
+        on_tokens(chosen)
 
 
 class Leader(Protocol):
@@ -62,7 +71,7 @@ class Leader(Protocol):
 
     def next_plan(self) -> StepPlan: ...
 
-    def after_step(self, plan: StepPlan, tokens: dict[int, int]) -> None: ...
+    def take_tokens(self, tokens: dict[int, int]) -> None: ...
 
     def wait(self, seconds: float) -> None: ...
 
@@ -105,10 +114,9 @@ class StepLoop:
             if plan.kind == "idle":
                 self._idle(plan.idle_seconds)
                 continue
-            tokens = self.runner.execute(plan)
+            take = self.leader.take_tokens if self.leader is not None else lambda t: None
+            tokens = self.runner.execute(plan, take)
             self.on_progress()
-            if self.leader is not None:
-                self.leader.after_step(plan, tokens)
             yield tokens
 
     def _idle(self, seconds: float) -> None:

@@ -101,7 +101,9 @@ class VocabParallelChooser:
         """h (R, 1, hidden): the rows' last hidden states -> their tokens (R,) int32."""
         # The logits are upcast to float32 here, for sampling, and nowhere else.
         local = self.head.local_logits(h)[:, -1].astype(mx.float32)  # (R, local_vocab)
-        adjusted = mx.stack([self._sharded(local[i], row) for i, row in enumerate(rows)])
+        adjusted = local
+        if any(row.temperature > 0 and row.sharded for row in rows):
+            adjusted = mx.stack([self._sharded(local[i], row) for i, row in enumerate(rows)])
         best = mx.argmax(adjusted, axis=-1)
         value = mx.take_along_axis(adjusted, best[:, None], axis=-1)[:, 0]
         index = (best + self.start).astype(mx.float32)
