@@ -18,7 +18,7 @@ def test_default_file_matches_builtin_defaults():
 def test_seed_keys_present():
     c = load_config(DEFAULT_YAML, env={})
     assert c.coordinator.heartbeat_interval_seconds < c.coordinator.heartbeat_timeout_seconds
-    assert c.worker.collective_port_base and c.worker.collective_timeout_seconds
+    assert c.worker.collective_port_base and c.worker.stall_seconds
     assert c.parallelism.tensor_parallel_size == 2 and c.parallelism.topology == "ring"
     assert c.model.name == "smollm2-135m"
 

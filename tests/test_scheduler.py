@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 
 from shardcompute.engine.scheduler import (
+    MIN_CHUNK,
     Refused,
     Request,
     Sampling,
     Scheduler,
     SchedulerConfig,
+    chunk_bound,
 )
 from shardcompute.engine.step_plan import Changes, PlanError, PrefillChunk, RowJoin, StepPlan
 from shardcompute.kv_layout import CAPACITY_STEP, fit_shape, kv_shape, kv_tokens
@@ -85,13 +87,15 @@ def test_decode_comes_first_and_a_long_prompt_takes_one_chunk_per_step():
         s.add(req(name, prompt=4, max_tokens=100))
     run_step(s)
     s.add(req("long", prompt=200, max_tokens=4))
-    chunks = []
-    for _ in range(4):
+    chunks, done = [], 0
+    while done < 200:
         plan, _ = run_step(s)
-        assert plan.decode == [0, 1]
-        chunks += [len(c.tokens) for c in plan.changes.prefill]
-        assert sum(len(c.tokens) for c in plan.changes.prefill) <= 64
-    assert chunks == [64, 64, 64, 8]
+        assert plan.decode == [0, 1]  # every step still decodes both
+        assert [c.slot for c in plan.changes.prefill] == [2]  # one chunk of the prompt
+        chunks.append(len(plan.changes.prefill[0].tokens))
+        assert chunks[-1] == min(200 - done, chunk_bound(done, 64))
+        done += chunks[-1]
+    assert chunks[0] == 64 and len(chunks) > 4
     plan, _ = run_step(s)
     assert plan.decode == [0, 1, 2]  # its first token came with its last chunk
 
@@ -109,14 +113,37 @@ def test_admission_is_bounded_by_the_batch_size_first_in_first_out():
     assert [j.slot for j in plan.changes.joins] == [0, 1]  # the freed rows, reused
 
 
-def test_prefill_budget_is_shared_oldest_first():
+def test_chunks_shrink_deep_in_a_long_prompt():
+    """A chunk's attention reads every earlier position: deep in a prompt the chunk shrinks so
+    each step's prefill costs about the same."""
+    assert [chunk_bound(o, 512) for o in (0, 512, 2048, 7500)] == [512, 316, 120, 34]
+    assert chunk_bound(10**6, 512) == MIN_CHUNK
+    s = make(prefill_chunk=64)
+    s.add(req("long", prompt=400, max_tokens=1))
+    sizes = []
+    while s.running or s.waiting:
+        plan, _ = run_step(s)
+        sizes += [len(c.tokens) for c in plan.changes.prefill]
+    assert sum(sizes) == 400 and sizes[0] == 64 and sizes[-2] < 20
+    assert all(n * (sum(sizes[:i]) + n) <= 64 * 64 or n == MIN_CHUNK for i, n in enumerate(sizes))
+
+
+def test_prefill_budget_is_shared_evenly_then_oldest_first():
     s = make(prefill_chunk=64)
     s.add(req("a", prompt=50))
     s.add(req("b", prompt=50))
     plan, _ = run_step(s)
     assert [(c.slot, len(c.tokens), c.last) for c in plan.changes.prefill] == [
-        (0, 50, True),
-        (1, 14, False),
+        (0, 32, False),
+        (1, 32, False),
+    ]
+    s = make(prefill_chunk=64)
+    s.add(req("long", prompt=1000))
+    s.add(req("short", prompt=10))
+    plan, _ = run_step(s)  # the short prompt is done in one step; the long one takes the rest
+    assert [(c.slot, len(c.tokens), c.last) for c in plan.changes.prefill] == [
+        (0, 54, False),
+        (1, 10, True),
     ]
 
 

@@ -51,7 +51,9 @@ class WorkerConfig(_Section):
     """Ports and timeouts of the engines' collective group."""
 
     collective_port_base: int = Field(29500, ge=1, le=65535)
-    collective_timeout_seconds: float = Field(60.0, gt=0)
+    # An engine whose steps make no progress for max(this, 5 x its p99 step time) is stalled:
+    # its requests fail, the cluster is degraded and the group replaced (worker/watchdog.py).
+    stall_seconds: float = Field(8.0, gt=0)
 
 
 class EngineConfig(_Section):
@@ -61,7 +63,9 @@ class EngineConfig(_Section):
     # KV-cache positions (rows x capacity) in all; None: kv_memory_fraction of free memory.
     max_kv_tokens: int | None = Field(None, ge=256)
     kv_memory_fraction: float = Field(0.5, gt=0, le=0.95)
-    prefill_chunk: int = Field(512, ge=16)  # prompt tokens prefilled per step, in all
+    # Prompt tokens prefilled per step, in all; None: 256 on the CPU (every running request's
+    # step waits for the chunk: 512 tokens hold them for seconds there), 2048 on a GPU.
+    prefill_chunk: int | None = Field(None, ge=16)
 
 
 class ParallelismConfig(_Section):

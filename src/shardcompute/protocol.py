@@ -176,7 +176,7 @@ class Assignment(Message):
     shard_dir: str | None = None
     coordinator_url: str
     backend: str = "ring"
-    collective_timeout_seconds: float = 60.0
+    stall_seconds: float = 8.0  # see WorkerConfig.stall_seconds
     # Set by the agent, as is coordinator_url: the CA file on its machine that the
     # coordinator's certificate must verify against; None for plain HTTP.
     tls_ca: str | None = None

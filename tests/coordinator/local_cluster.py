@@ -108,6 +108,14 @@ class LocalCluster(Processes):
         """The header that opens /cluster, /metrics and /v1 when an API key is set."""
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
+    def ready(self) -> bool:
+        """Whether /ready answers 200 (every rank loaded, the cluster serving)."""
+        try:
+            with self.http(timeout=5) as http:
+                return http.get("/ready").status_code == 200
+        except httpx.HTTPError:
+            return False
+
     def wait_state(self, state: str, timeout: float = 20) -> dict:
         return wait_for(
             lambda: (v := self.cluster())["state"] == state and v,

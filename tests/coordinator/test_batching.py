@@ -83,6 +83,19 @@ def together(cluster: LocalCluster, bodies: list[dict]) -> list[str]:
         return list(pool.map(lambda b: text_of(cluster, b), bodies))
 
 
+def batch_metrics(cluster: LocalCluster) -> str | None:
+    """/metrics, once its batch-size histogram has seen a step of more than one row."""
+    text = httpx.get(cluster.url + "/metrics", timeout=10).text
+    counts = dict(
+        line.rsplit(" ", 1)
+        for line in text.splitlines()
+        if line.startswith("shardcompute:batch_size_bucket")
+    )
+    at_most_one = float(counts.get('shardcompute:batch_size_bucket{le="1.0"}', 0))
+    every = float(counts.get('shardcompute:batch_size_bucket{le="+Inf"}', 0))
+    return text if every > at_most_one else None
+
+
 def running(cluster: LocalCluster) -> int:
     """Requests in rank 0's running batch, as its engine last reported."""
     rank0 = next(w for w in cluster.cluster()["workers"] if w["rank"] == 0)
@@ -122,6 +135,13 @@ def test_a_batch_gives_every_request_its_text_alone(cluster, alone):
     prompts = [alone.usage[json.dumps(b, sort_keys=True)]["prompt_tokens"] for b in bodies]
     assert min(prompts) == 5 and 280 <= max(prompts) <= 320, prompts
     assert together(cluster, bodies) == want
+    # vLLM's serving metrics, under shardcompute: names; the batch was seen more than 1 wide.
+    text = wait_for(lambda: batch_metrics(cluster), 10, "the engine's batch-size report")
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert f"shardcompute:{name} " in text
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds"):
+        assert f"shardcompute:{name}_count" in text
+    assert "shardcompute:request_queue_time_seconds_count" in text
 
 
 LONG = [

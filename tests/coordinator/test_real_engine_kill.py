@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from local_cluster import REAL_MODEL, LocalCluster, real_agent_command, start_real_cluster, wait_for
 
-COLLECTIVE_TIMEOUT = 8  # the engine's watchdog: seconds without progress before it exits
+COLLECTIVE_TIMEOUT = 8  # the engine's watchdog floor: seconds without progress before it exits
 LOST_RANK = ("lost a rank", "peer was lost")
 
 
@@ -56,7 +56,7 @@ def ready_generation(cluster: LocalCluster) -> int:
 
 
 def test_rank1_killed_mid_request_fails_it_and_the_cluster_recovers(tmp_path, smollm2_gguf):
-    timeout = {"SHARDCOMPUTE_WORKER__COLLECTIVE_TIMEOUT_SECONDS": str(COLLECTIVE_TIMEOUT)}
+    timeout = {"SHARDCOMPUTE_WORKER__STALL_SECONDS": str(COLLECTIVE_TIMEOUT)}
     cluster = start_real_cluster(tmp_path, smollm2_gguf, **timeout)
     try:
         answer = complete(cluster)

@@ -482,7 +482,7 @@ class Registry:
             shard_dir=shard_dir,
             coordinator_url=self._coordinator_url,
             backend=cfg.parallelism.topology,
-            collective_timeout_seconds=cfg.worker.collective_timeout_seconds,
+            stall_seconds=cfg.worker.stall_seconds,
         )
 
     def _set(self, state: ClusterState, reason: str) -> None:

@@ -4,8 +4,10 @@ Requests wait first in, first out, and run as rows: at most `max_batch_size` at 
 KV budget of `max_kv_tokens` positions counted as the cache allocates them (rows x capacity,
 see kv_layout). Each step:
 - every running request that has its first token decodes one more: decode comes first;
-- prompts are prefilled in chunks, `prefill_chunk` tokens per step in all, oldest first, so a
-  long prompt delays the running requests by at most one chunk per step;
+- prompts are prefilled in chunks, `prefill_chunk` tokens per step in all, shared evenly
+  between the prompts being prefilled (then oldest first), and smaller deep in a long prompt
+  (a chunk's attention grows with its position), so a long prompt delays the running requests
+  by at most about one first chunk's time per step, and a short prompt is not held behind it;
 - waiting requests are admitted oldest first while a row is free and their prompt fits;
 - when the running requests' growth would pass the budget, the newest is preempted: its row is
   freed and it waits again at the head of the queue, to be recomputed (prompt and the tokens
@@ -15,6 +17,7 @@ see kv_layout). Each step:
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -89,6 +92,19 @@ class Event:
 
 class Refused(ValueError):
     """A request this engine can never run; the message names the numbers."""
+
+
+MIN_CHUNK = 16
+
+
+def chunk_bound(offset: int, chunk: int) -> int:
+    """The most prompt tokens a row at `offset` may prefill in one step: a chunk's attention
+    reads every position before it, so deep in a long prompt the chunk shrinks to keep
+    tokens x (offset + tokens) within chunk x chunk, and a step costs about the same at
+    position 7000 as at 0 (at least MIN_CHUNK tokens, so it always moves)."""
+    area = chunk * chunk
+    fits = int((math.sqrt(offset * offset + 4 * area) - offset) / 2)
+    return max(MIN_CHUNK, min(chunk, fits))
 
 
 class Scheduler:
@@ -214,14 +230,25 @@ class Scheduler:
         )
 
     def _chunks(self) -> dict[int, int]:
-        """Prefill tokens per prefilling row this step: the budget, oldest first."""
-        budget, chunks = self.config.prefill_chunk, {}
-        for r in self.running:
-            if r.prefilling and budget > 0:
-                n = min(len(r.target) - r.computed, budget)
-                chunks[r.slot] = n
-                budget -= n
-        return chunks
+        """Prefill tokens per prefilling row this step. Each prompt gets an even share of the
+        budget first (so a short prompt is not held behind a long one), then what is left goes
+        oldest first; every chunk is also bounded by its attention (see `chunk_bound`)."""
+        prefilling = [r for r in self.running if r.prefilling]
+        if not prefilling:
+            return {}
+        budget = self.config.prefill_chunk
+        room = {
+            r.slot: min(len(r.target) - r.computed, chunk_bound(r.computed, budget))
+            for r in prefilling
+        }
+        share = max(MIN_CHUNK, budget // len(prefilling))
+        chunks = {}
+        for r in prefilling:  # an even share each, oldest first while the budget lasts
+            chunks[r.slot] = min(room[r.slot], share, budget - sum(chunks.values()))
+        for r in prefilling:  # then the rest, oldest first
+            extra = min(room[r.slot] - chunks[r.slot], budget - sum(chunks.values()))
+            chunks[r.slot] += max(extra, 0)
+        return {slot: n for slot, n in chunks.items() if n > 0}
 
     def _take_chunk(self, r: Request, n: int) -> PrefillChunk:
         tokens = r.target[r.computed : r.computed + n]

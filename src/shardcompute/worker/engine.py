@@ -40,6 +40,7 @@ from shardcompute.kv_layout import CAPACITY_STEP, row_bucket
 from shardcompute.model.llama import Model, collectives_per_forward
 from shardcompute.model.metadata import read_model_info
 from shardcompute.protocol import CLUSTER_TOKEN_ENV, Assignment, LoadedReport, WorkerMetrics, decode
+from shardcompute.runtime import mlx_device
 from shardcompute.worker.queue_client import QueueClient
 from shardcompute.worker.serving import Faults, Preparer, ServingIO
 from shardcompute.worker.watchdog import Watchdog
@@ -47,6 +48,10 @@ from shardcompute.worker.watchdog import Watchdog
 log = logging.getLogger("shardcompute.engine")
 
 METRICS_SECONDS = 1.0  # how often each rank reports its totals (rank 0: and its scheduler's)
+# Prompt tokens per step unless configured. On the CPU a step that prefills 512 tokens holds
+# every running request for seconds; 256 halves that (a 2500-token prompt at world size 2
+# measured no slower: 23.8 s against 25.3 s with 512).
+PREFILL_CHUNK = {"cpu": 256, "gpu": 2048}
 
 
 class EngineBroken(Exception):
@@ -187,7 +192,7 @@ def lead(a: Assignment, model: Model, client: QueueClient, budget: int):
     config = SchedulerConfig(
         max_batch_size=engine.max_batch_size,
         max_kv_tokens=budget,
-        prefill_chunk=engine.prefill_chunk,
+        prefill_chunk=engine.prefill_chunk or PREFILL_CHUNK[mlx_device()],
     )
     leader = EngineLeader(Scheduler(config), sink=lambda events: None)
     info = read_model_info(spec_of(a).model, a.shard_dir)
@@ -205,7 +210,7 @@ def serve(model, a, leader, io, client, totals: Totals, stop: threading.Event) -
             io.stop(f"the engine stalled and is being replaced: {reason}")
         client.failed(reason)
 
-    watchdog = Watchdog(a.collective_timeout_seconds, on_stall)
+    watchdog = Watchdog(a.stall_seconds, on_stall)
     loop = StepLoop(Runner(model), slots=a.engine.max_batch_size, leader=leader)
     loop.on_progress = watchdog.pet
     leave = (lambda: stop.is_set() or io.over.is_set()) if io is not None else stop.is_set
