@@ -33,3 +33,19 @@ def test_no_command_caps_answers_by_default():
     assert chat_parser().parse_args([]).max_tokens is None
     assert up_parser().parse_args(["--chat"]).max_tokens is None
     assert up_parser().parse_args(["--prompt", "q", "--max-tokens", "5"]).max_tokens == 5
+
+
+def test_a_models_route_that_lists_nothing_readable_is_a_clear_error():
+    """Another OpenAI-compatible server may answer /models with something else (mlx_lm.server
+    answers with a traceback when it has no HF cache): an error naming it, no traceback."""
+    import pytest
+
+    from shardcompute.client.chat import ServerError, served_model
+
+    for body in ("Traceback (most recent call last): ...", '{"data": []}'):
+        http = httpx.Client(
+            transport=httpx.MockTransport(lambda r, b=body: httpx.Response(200, text=b)),
+            base_url="http://test/v1",
+        )
+        with pytest.raises(ServerError, match="/models did not list a model"):
+            served_model(http)

@@ -289,6 +289,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--peer-url", help="also sweep this OpenAI-compatible server (base URL)")
     p.add_argument("--peer-name", default="peer", help="the peer's name in tables and plots")
+    p.add_argument("--peer-model", help="the model id the peer serves (default: its first)")
     p.add_argument("--json", help="write the report here as JSON")
     p.add_argument("--plot", help="write a PNG of tok/s and TTFT against concurrency here")
     return p
@@ -309,7 +310,10 @@ def bench_main(argv: list[str] | None = None) -> int:
     sweeps: dict[str, list[dict]] = {}
     for name, url in servers.items():
         try:
-            sweeps[name] = run_sweep(url, args, console)
+            model = args.peer_model if name != "shardcompute" and args.peer_model else args.model
+            sweeps[name] = run_sweep(
+                url, argparse.Namespace(**{**vars(args), "model": model}), console
+            )
         except (ServerError, httpx.HTTPError, ShardComputeError) as e:
             why = failure_text(e, url, args.tls_ca)
             console.print(f"error: cannot benchmark {url}: {why}", markup=False)

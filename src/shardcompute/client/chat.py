@@ -63,7 +63,10 @@ def served_model(http: httpx.Client) -> str:
     r = http.get("/models")
     if r.status_code != 200:
         raise ServerError(error_message(r))
-    return r.json()["data"][0]["id"]
+    try:
+        return r.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ServerError(f"/models did not list a model: {r.text[:200]!r}") from None
 
 
 def stream_chunks(http: httpx.Client, path: str, body: dict[str, Any]) -> Iterator[dict]:

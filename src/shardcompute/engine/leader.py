@@ -24,7 +24,6 @@ class EngineLeader:
         self._aborts: queue.SimpleQueue[tuple[str, str, str | None]] = queue.SimpleQueue()
         self._news = threading.Event()
         self._finish = False
-        self.free_rows = scheduler.config.max_batch_size  # a hint for pollers, between steps
 
     # --- from any thread ---------------------------------------------------------------------
 
@@ -53,8 +52,6 @@ class EngineLeader:
     def take_tokens(self, tokens: dict[int, int]) -> None:
         """Tokens chosen in this step, as soon as they are: the requests get them now."""
         events = self.scheduler.update(tokens)
-        s = self.scheduler
-        self.free_rows = s.config.max_batch_size - len(s.running) - len(s.waiting)
         if events:
             self.sink(events)
 

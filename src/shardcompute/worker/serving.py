@@ -147,6 +147,7 @@ class ServingIO:
         self._outbox: queue.SimpleQueue[list[Event]] = queue.SimpleQueue()
         self._streams: dict[str, Stream] = {}
         self._lock = threading.Lock()
+        self._row_freed = threading.Event()  # a request ended: the poller may take another
         self._threads = [
             threading.Thread(target=self._poll_loop, name="poller", daemon=True),
             threading.Thread(target=self._post_loop, name="poster", daemon=True),
@@ -172,8 +173,13 @@ class ServingIO:
 
     def _poll_loop(self) -> None:
         while not self.over.is_set():
+            free = self._free_rows()
+            if free == 0:  # every row is held: wait for one to free, not for the coordinator
+                self._row_freed.wait(1.0)
+                self._row_freed.clear()
+                continue
             try:
-                batch = self.client.poll(max(0, self.leader.free_rows - len(self._streams)))
+                batch = self.client.poll(free)
             except GenerationOver:
                 self.over.set()  # replaced: the step loop ends every rank together
                 return
@@ -189,6 +195,13 @@ class ServingIO:
                 self._take(req)
             for request_id in batch.cancelled:
                 self.leader.abort(request_id, "cancelled")
+
+    def _free_rows(self) -> int:
+        """Rows no request holds or waits for: every request taken and not yet ended counts,
+        whether it runs, waits in the scheduler or is still on its way to it."""
+        with self._lock:
+            held = len(self._streams)
+        return max(0, self.leader.scheduler.config.max_batch_size - held)
 
     def _take(self, req: GenerationRequest) -> None:
         try:
@@ -290,6 +303,7 @@ class ServingIO:
             self._post(stream)
         with self._lock:
             self._streams.pop(stream.req.request_id, None)
+        self._row_freed.set()
 
 
 def merge(events: list[GenerationEvent]) -> list[GenerationEvent]:
