@@ -163,7 +163,7 @@ COMPLETION = {"request_id": "r", "kind": "completion", "prompt": "x", "max_token
 @pytest.mark.parametrize(
     "cls, data, field",
     [
-        (p.WorkPoll, {"worker_id": "w", "generation": 1, "wait_seconds": 0}, "wait_seconds"),
+        (p.WorkPoll, {"worker_id": "w", "generation": 1, "wait_seconds": -1}, "wait_seconds"),
         (p.WorkPoll, {"worker_id": "w", "generation": 1, "typo": 1}, "typo"),
         (p.GenerationRequest, {"request_id": "r", "kind": "chat", "max_tokens": 4}, "messages"),
         (p.GenerationRequest, {"request_id": "r", "kind": "poem", "max_tokens": 4}, "kind"),

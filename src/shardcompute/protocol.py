@@ -242,11 +242,12 @@ class Ack(Message):
 
 class WorkPoll(Message):
     """A long poll for up to `max_requests` requests (the engine's free rows); answered as
-    soon as one is queued, else after `wait_seconds` with none."""
+    soon as one is queued, else after `wait_seconds` with none. With `max_requests` 0 it only
+    collects the cancellations (at once, with `wait_seconds` 0)."""
 
     worker_id: str
     generation: int
-    wait_seconds: float = Field(10.0, gt=0, le=60)
+    wait_seconds: float = Field(10.0, ge=0, le=60)
     max_requests: int = Field(1, ge=0, le=1024)
 
 

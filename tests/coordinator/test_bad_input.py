@@ -305,7 +305,8 @@ def test_a_full_queue_answers_429_with_retry_after(cluster):
     short = completion(max_tokens=2)
     with ThreadPoolExecutor(1) as pool:
         with httpx.stream("POST", url, json=long, headers=headers, timeout=60) as running:
-            next(line for line in running.iter_lines() if line.startswith("data: {"))
+            lines = running.iter_lines()  # held: a dropped iterator would hang up on the stream
+            next(line for line in lines if line.startswith("data: {"))
             waiting = pool.submit(httpx.post, url, json=short, headers=headers, timeout=60)
             wait_for(lambda: cluster.cluster()["queue_depth"] == 1, 20, "a waiting request")
             full = httpx.post(url, json=short, headers=headers, timeout=10)

@@ -66,13 +66,13 @@ class QueueClient:
         r.raise_for_status()
         return r
 
-    def poll(self, max_requests: int) -> WorkBatch:
-        """Up to `max_requests` new requests (waiting up to POLL_SECONDS), and cancellations."""
+    def poll(self, max_requests: int, wait_seconds: float = POLL_SECONDS) -> WorkBatch:
+        """Up to `max_requests` new requests (waiting up to `wait_seconds`), and cancellations."""
         a = self.a
         poll = WorkPoll(
             worker_id=a.worker_id,
             generation=a.generation,
-            wait_seconds=POLL_SECONDS,
+            wait_seconds=wait_seconds,
             max_requests=max_requests,
         )
         return decode(WorkBatch, self.post("/work/next", poll).content)

@@ -32,6 +32,7 @@ from shardcompute.worker.queue_client import CoordinatorAway, GenerationOver, Qu
 log = logging.getLogger("shardcompute.engine")
 
 FLUSH_SECONDS = 0.05  # a request's text deltas go out in one post at most this often
+FULL_WAIT_SECONDS = 0.25  # every row held: how often cancellations are collected
 FAULT_ENV = "SHARDCOMPUTE_ENGINE_FAULT_WORD"
 FAULT_AT_TOKEN = 3  # where the `stream` fault strikes: mid-generation, tokens already out
 MAX_SEED = (1 << 63) - 1
@@ -174,12 +175,11 @@ class ServingIO:
     def _poll_loop(self) -> None:
         while not self.over.is_set():
             free = self._free_rows()
-            if free == 0:  # every row is held: wait for one to free, not for the coordinator
-                self._row_freed.wait(1.0)
-                self._row_freed.clear()
+            if free == 0 and self._row_freed.wait(FULL_WAIT_SECONDS):
+                self._row_freed.clear()  # a request ended: take its row's successor at once
                 continue
-            try:
-                batch = self.client.poll(free)
+            try:  # every row held: no new requests, but the cancellations, right away
+                batch = self.client.poll(free) if free else self.client.poll(0, wait_seconds=0)
             except GenerationOver:
                 self.over.set()  # replaced: the step loop ends every rank together
                 return
