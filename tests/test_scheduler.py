@@ -128,23 +128,40 @@ def test_chunks_shrink_deep_in_a_long_prompt():
     assert all(n * (sum(sizes[:i]) + n) <= 64 * 64 or n == MIN_CHUNK for i, n in enumerate(sizes))
 
 
-def test_prefill_budget_is_shared_evenly_then_oldest_first():
+def test_prompts_finish_one_after_another_shortest_first():
+    """Equal prompts are not prefilled side by side to finish together at the end: the oldest
+    finishes first, and each prompt that a step finishes runs before the other chunks."""
     s = make(prefill_chunk=64)
     s.add(req("a", prompt=50))
     s.add(req("b", prompt=50))
     plan, _ = run_step(s)
     assert [(c.slot, len(c.tokens), c.last) for c in plan.changes.prefill] == [
-        (0, 32, False),
-        (1, 32, False),
+        (0, 50, True),
+        (1, 14, False),
     ]
     s = make(prefill_chunk=64)
     s.add(req("long", prompt=1000))
     s.add(req("short", prompt=10))
-    plan, _ = run_step(s)  # the short prompt is done in one step; the long one takes the rest
+    plan, _ = run_step(s)  # the short prompt is done first; the long one takes the rest
     assert [(c.slot, len(c.tokens), c.last) for c in plan.changes.prefill] == [
-        (0, 54, False),
         (1, 10, True),
+        (0, 54, False),
     ]
+
+
+def test_a_long_prompt_keeps_moving_while_short_ones_keep_arriving():
+    """The oldest prompt gets a quarter of every step's budget however many shorter prompts
+    arrive after it, so it is never starved."""
+    s = make(prefill_chunk=64, max_batch_size=8, max_kv_tokens=64 * CAPACITY_STEP)
+    s.add(req("long", prompt=300, max_tokens=1))
+    done, steps = 0, 0
+    while done < 300:
+        s.add(req(f"short{steps}", prompt=40, max_tokens=1))
+        plan, _ = run_step(s)
+        chunk = {c.slot: len(c.tokens) for c in plan.changes.prefill}
+        assert chunk[0] >= min(300 - done, 64 // 4)  # slot 0 is the long prompt
+        done, steps = done + chunk[0], steps + 1
+    assert steps <= 300 // 16 + 1
 
 
 def test_a_request_that_could_never_fit_is_refused_with_the_numbers():

@@ -4,10 +4,13 @@ Requests wait first in, first out, and run as rows: at most `max_batch_size` at 
 KV budget of `max_kv_tokens` positions counted as the cache allocates them (rows x capacity,
 see kv_layout). Each step:
 - every running request that has its first token decodes one more: decode comes first;
-- prompts are prefilled in chunks, `prefill_chunk` tokens per step in all, shared evenly
-  between the prompts being prefilled (then oldest first), and smaller deep in a long prompt
-  (a chunk's attention grows with its position), so a long prompt delays the running requests
-  by at most about one first chunk's time per step, and a short prompt is not held behind it;
+- prompts are prefilled in chunks, `prefill_chunk` tokens per step in all: the oldest prompt
+  being prefilled always gets a quarter of them (so a long prompt is never starved), the rest
+  goes to the prompts with the fewest tokens left (so prompts finish one after another, each
+  with its first token, rather than all together at the end, and a short prompt is not held
+  behind a long one); chunks are smaller deep in a long prompt (a chunk's attention grows
+  with its position), so a long prompt delays the running requests by at most about one
+  first chunk's time per step;
 - waiting requests are admitted oldest first while a row is free and their prompt fits;
 - when the running requests' growth would pass the budget, the newest is preempted: its row is
   freed and it waits again at the head of the queue, to be recomputed (prompt and the tokens
@@ -95,6 +98,7 @@ class Refused(ValueError):
 
 
 MIN_CHUNK = 16
+OLDEST_SHARE = 4  # the oldest prompt being prefilled gets 1/4 of each step's budget
 
 
 def chunk_bound(offset: int, chunk: int) -> int:
@@ -167,7 +171,8 @@ class Scheduler:
             return self._idle_plan()
         self._idle = 0.0
         decode = [r.slot for r in self.running if not r.prefilling]
-        prefill = [self._take_chunk(r, chunks[r.slot]) for r in self.running if r.slot in chunks]
+        by_slot = {r.slot: r for r in self.running}
+        prefill = [self._take_chunk(by_slot[slot], n) for slot, n in chunks.items()]
         for r in self.running:
             if r.slot in decode:
                 r.computed += 1
@@ -230,25 +235,24 @@ class Scheduler:
         )
 
     def _chunks(self) -> dict[int, int]:
-        """Prefill tokens per prefilling row this step. Each prompt gets an even share of the
-        budget first (so a short prompt is not held behind a long one), then what is left goes
-        oldest first; every chunk is also bounded by its attention (see `chunk_bound`)."""
+        """Prefill tokens per prefilling row this step, in the order they run: the oldest
+        prompt's guaranteed share first, then the rest of the budget to the prompts with the
+        fewest tokens left (oldest first among equals). Prompts that this step finishes run
+        first, so their first tokens go out before the other chunks' work. Every chunk is
+        also bounded by its attention (see `chunk_bound`)."""
         prefilling = [r for r in self.running if r.prefilling]
         if not prefilling:
             return {}
         budget = self.config.prefill_chunk
-        room = {
-            r.slot: min(len(r.target) - r.computed, chunk_bound(r.computed, budget))
-            for r in prefilling
-        }
-        share = max(MIN_CHUNK, budget // len(prefilling))
-        chunks = {}
-        for r in prefilling:  # an even share each, oldest first while the budget lasts
-            chunks[r.slot] = min(room[r.slot], share, budget - sum(chunks.values()))
-        for r in prefilling:  # then the rest, oldest first
-            extra = min(room[r.slot] - chunks[r.slot], budget - sum(chunks.values()))
-            chunks[r.slot] += max(extra, 0)
-        return {slot: n for slot, n in chunks.items() if n > 0}
+        left = {r.slot: len(r.target) - r.computed for r in prefilling}
+        room = {r.slot: min(left[r.slot], chunk_bound(r.computed, budget)) for r in prefilling}
+        oldest = prefilling[0].slot
+        chunks = dict.fromkeys(room, 0)
+        chunks[oldest] = min(room[oldest], max(MIN_CHUNK, budget // OLDEST_SHARE))
+        for slot in sorted(room, key=left.__getitem__):  # stable: oldest first among equals
+            chunks[slot] += max(0, min(room[slot] - chunks[slot], budget - sum(chunks.values())))
+        order = sorted(room, key=lambda slot: (chunks[slot] < left[slot], left[slot]))
+        return {slot: chunks[slot] for slot in order if chunks[slot] > 0}
 
     def _take_chunk(self, r: Request, n: int) -> PrefillChunk:
         tokens = r.target[r.computed : r.computed + n]
