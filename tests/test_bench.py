@@ -91,3 +91,15 @@ def test_mlx_lm_peer_gets_the_same_model(smollm2_gguf, tmp_path):
     exported = load_model(out, "float32")(ids)
     original = load_model(smollm2_gguf, "float32")(ids)
     assert mx.allclose(exported, original, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("tokens", [32, 128, 4000])
+def test_the_http_benchmark_prompt_has_about_the_tokens_asked(smollm2_gguf, tokens):
+    """The sweep's prompts are as long as asked (they were 3x too long: 4-digit numbers)."""
+    from shardcompute.bench.http_bench import make_prompt
+    from shardcompute.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_gguf)
+    for start in (1, 1001, 7001):
+        got = len(tokenizer.encode(make_prompt(tokens, start)))
+        assert 0.9 * tokens <= got <= tokens, (start, got)

@@ -65,9 +65,14 @@ class BenchSettings:
 
 
 def make_prompt(tokens: int, start: int = 1) -> str:
-    """About `tokens` tokens of counting from `start` (about 2 tokens a number: digits and a
-    comma), ending mid-count so the answer counts on."""
-    return " ".join(f"{k}," for k in range(start, start + max(1, tokens // 2)))
+    """About `tokens` tokens of counting from `start`, ending mid-count so the answer counts
+    on. A number is counted as a space, one token per digit and a comma, as tokenizers that
+    split digits (SmolLM2, Llama 2) see it; the reports use the server's own count."""
+    numbers, used, k = [], 0, start
+    while not numbers or used + len(str(k)) + 2 <= tokens:
+        numbers.append(f"{k},")
+        used, k = used + len(str(k)) + 2, k + 1
+    return " ".join(numbers)
 
 
 def run_one(http: httpx.Client, body: dict[str, Any]) -> RequestResult:
