@@ -133,8 +133,12 @@ class WorkerMetrics(Part):
     memory_bytes: int = Field(0, ge=0)
     peak_memory_bytes: int = Field(0, ge=0)
     tokens_processed: int = Field(0, ge=0)
-    collective_seconds: float = Field(0.0, ge=0)
     steps: int = Field(0, ge=0)
+    # Sampled: one decode step in PROFILE_EVERY runs with each collective timed on its own
+    # (engine/runner.py); the time in collectives, and the wall time, of those steps.
+    collective_seconds: float = Field(0.0, ge=0)
+    profiled_steps: int = Field(0, ge=0)
+    profiled_step_seconds: float = Field(0.0, ge=0)
     # The scheduler's view (rank 0): requests in the running batch and taken but waiting,
     # and KV-cache positions allocated of the budget. 0 until the engine reports them.
     running: int = Field(0, ge=0)

@@ -154,6 +154,24 @@ def test_traffic_charts_hold_the_history_for_a_page_opened_later(browser, real_c
         assert later.errors == []
 
 
+def test_the_time_in_collectives_is_sampled_while_serving(tab, real_cluster):
+    """Every rank times its collectives in one decode step of a hundred: after a few hundred
+    tokens /cluster and the page show it per rank (a share of the step, not zero)."""
+    body = {"model": REAL_MODEL, "prompt": "1, 2, 3,", "max_tokens": 220, "temperature": 0}
+    r = httpx.post(real_cluster.url + "/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+
+    def sampled() -> list[dict] | None:  # the engines report every second or so
+        metrics = [w["metrics"] for w in real_cluster.cluster()["workers"]]
+        return metrics if all(m["profiled_steps"] >= 2 for m in metrics) else None
+
+    for m in wait_for(sampled, 10, "two sampled steps on each rank"):
+        assert m["profiled_steps"] >= 2 and m["steps"] >= 100 * m["profiled_steps"], m
+        assert 0 < m["collective_seconds"] < m["profiled_step_seconds"], m
+    tab.expect("#collectives").to_contain_text("share of the step", timeout=10_000)
+    tab.expect("#collectives tr").to_have_count(3)  # a header and one row per rank
+
+
 def test_screenshot_of_a_serving_cluster_is_in_the_readme(tab, tmp_path):
     tab.expect(".message.assistant[data-status=done]").to_have_count(len(QUESTIONS))
     time.sleep(1.5)  # one more traffic sample, so the charts end at "now"

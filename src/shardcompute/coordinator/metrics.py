@@ -219,7 +219,19 @@ def _worker_families(v: ClusterView) -> Iterator[GaugeMetricFamily | CounterMetr
         "peak": GaugeMetricFamily("shardcompute_worker_peak_memory_bytes", "", labels=labels),
         "tokens": CounterMetricFamily("shardcompute_worker_tokens_processed", "", labels=labels),
         "coll": CounterMetricFamily(
-            "shardcompute_worker_collective_seconds", "Time in collectives", labels=labels
+            "shardcompute_worker_collective_seconds",
+            "Time in collectives during the sampled decode steps",
+            labels=labels,
+        ),
+        "sampled": CounterMetricFamily(
+            "shardcompute_worker_profiled_steps",
+            "Decode steps sampled with their collectives timed",
+            labels=labels,
+        ),
+        "sampled_s": CounterMetricFamily(
+            "shardcompute_worker_profiled_step_seconds",
+            "Wall time of the sampled decode steps",
+            labels=labels,
         ),
         "steps": CounterMetricFamily("shardcompute_worker_steps", "Engine steps", labels=labels),
     }
@@ -232,5 +244,7 @@ def _worker_families(v: ClusterView) -> Iterator[GaugeMetricFamily | CounterMetr
         families["peak"].add_metric(key, m.peak_memory_bytes)
         families["tokens"].add_metric(key, m.tokens_processed)
         families["coll"].add_metric(key, m.collective_seconds)
+        families["sampled"].add_metric(key, m.profiled_steps)
+        families["sampled_s"].add_metric(key, m.profiled_step_seconds)
         families["steps"].add_metric(key, m.steps)
     yield from families.values()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import mlx.core as mx
@@ -95,13 +96,39 @@ def exchange(comm: Collectives, plan: StepPlan | None, slots: int, leave: bool) 
     return StepPlan.from_wire(summed, payload)
 
 
-class StepLoop:
-    """Every rank: exchange a plan, execute it, hand the tokens on, until a plan says exit."""
+PROFILE_EVERY = 100  # serving: one decode step in this many times its collectives (~1% slower)
 
-    def __init__(self, runner: Runner, slots: int, leader: Leader | None = None):
+
+@dataclass
+class CollectiveSample:
+    """What the sampled decode steps spent: in collectives, and in all."""
+
+    steps: int = 0
+    collective_seconds: float = 0.0
+    step_seconds: float = 0.0
+
+
+class StepLoop:
+    """Every rank: exchange a plan, execute it, hand the tokens on, until a plan says exit.
+
+    With `profile_every` (the serving engine's), one plain decode step in that many runs op by
+    op with each collective evaluated and timed on its own (every rank picks the same steps:
+    they execute the same plans), so a serving cluster reports the time in its collectives
+    without slowing every step."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        slots: int,
+        leader: Leader | None = None,
+        profile_every: int = 0,
+    ):
         self.runner, self.slots, self.leader = runner, slots, leader
         self.comm = runner.model.comm
         self.on_progress: Callable[[], None] = lambda: None  # a watchdog's pet
+        self.profile_every = profile_every
+        self.sample = CollectiveSample()
+        self._executed = 0
 
     def steps(self, should_leave: Callable[[], bool] = lambda: False) -> Iterator[dict]:
         """Yield each step's tokens ({slot: token}, the same on every rank)."""
@@ -115,9 +142,31 @@ class StepLoop:
                 self._idle(plan.idle_seconds)
                 continue
             take = self.leader.take_tokens if self.leader is not None else lambda t: None
-            tokens = self.runner.execute(plan, take)
+            self._executed += 1
+            if self._sampled(plan):
+                tokens = self._profiled(plan, take)
+            else:
+                tokens = self.runner.execute(plan, take)
             self.on_progress()
             yield tokens
+
+    def _sampled(self, plan: StepPlan) -> bool:
+        plain = plan.decode and not plan.changes.prefill
+        due = self.profile_every and self._executed % self.profile_every == 0
+        return bool(plain and due and self.comm.size > 1)
+
+    def _profiled(self, plan: StepPlan, take) -> dict[int, int]:
+        before = sum(self.comm.seconds.values())
+        self.comm.profile = True
+        start = time.perf_counter()
+        try:
+            tokens = self.runner.execute(plan, take)
+        finally:
+            self.comm.profile = False
+        self.sample.steps += 1
+        self.sample.step_seconds += time.perf_counter() - start
+        self.sample.collective_seconds += sum(self.comm.seconds.values()) - before
+        return tokens
 
     def _idle(self, seconds: float) -> None:
         """Wait without a collective in flight: nothing spins. Rank 0 wakes early if work

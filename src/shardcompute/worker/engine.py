@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -34,7 +34,7 @@ from shardcompute.config import EngineConfig
 from shardcompute.engine.job import ModelSpec
 from shardcompute.engine.leader import EngineLeader
 from shardcompute.engine.rank_main import load_spec, stop_ids
-from shardcompute.engine.runner import Runner, StepLoop
+from shardcompute.engine.runner import PROFILE_EVERY, CollectiveSample, Runner, StepLoop
 from shardcompute.engine.scheduler import Scheduler, SchedulerConfig
 from shardcompute.kv_layout import CAPACITY_STEP, row_bucket
 from shardcompute.model.llama import Model, collectives_per_forward
@@ -116,6 +116,7 @@ class Totals:
 
     tokens_processed: int = 0
     steps: int = 0
+    sample: CollectiveSample = field(default_factory=CollectiveSample)
 
 
 class Reporter:
@@ -134,6 +135,9 @@ class Reporter:
             peak_memory_bytes=mx.get_peak_memory(),
             tokens_processed=self.totals.tokens_processed,
             steps=self.totals.steps,
+            collective_seconds=self.totals.sample.collective_seconds,
+            profiled_steps=self.totals.sample.steps,
+            profiled_step_seconds=self.totals.sample.step_seconds,
         )
         s = self.scheduler
         if s is None:
@@ -211,7 +215,10 @@ def serve(model, a, leader, io, client, totals: Totals, stop: threading.Event) -
         client.failed(reason)
 
     watchdog = Watchdog(a.stall_seconds, on_stall)
-    loop = StepLoop(Runner(model), slots=a.engine.max_batch_size, leader=leader)
+    loop = StepLoop(
+        Runner(model), slots=a.engine.max_batch_size, leader=leader, profile_every=PROFILE_EVERY
+    )
+    totals.sample = loop.sample
     loop.on_progress = watchdog.pet
     leave = (lambda: stop.is_set() or io.over.is_set()) if io is not None else stop.is_set
     try:

@@ -113,20 +113,24 @@ function renderCollectives(view) {
     return;
   }
   const ranked = view.workers.filter((w) => w.rank !== null).sort((a, b) => a.rank - b.rank);
-  const measured = ranked.some((w) => w.metrics.collective_seconds > 0);
+  const measured = ranked.some((w) => w.metrics.profiled_steps > 0);
   const rows = ranked.map((w) => {
     const m = w.metrics;
-    const perToken = m.steps ? (1000 * m.collective_seconds) / m.steps : 0;
+    const n = m.profiled_steps;
+    const perStep = n ? (1000 * m.collective_seconds) / n : 0;
+    const share = m.profiled_step_seconds ? (100 * m.collective_seconds) / m.profiled_step_seconds : 0;
     return el("tr", {}, [
       el("td", { text: `rank ${w.rank}` }),
-      el("td", { text: `${m.collective_seconds.toFixed(2)} s` }),
-      el("td", { text: m.steps ? `${perToken.toFixed(2)} ms` : "–" }),
+      el("td", { text: n ? `${perStep.toFixed(2)} ms` : "–" }),
+      el("td", { text: n ? `${share.toFixed(0)}%` : "–" }),
+      el("td", { text: `${n}` }),
     ]);
   });
+  const heads = ["rank", "in collectives per decode step", "share of the step", "steps sampled"];
   fill(box, [
     el("div", { text: `${view.collectives_per_token} collectives per token (an all-reduce after attention and after the MLP of each layer, all-gathers for the embedding and the LM head)` }),
     measured
-      ? el("table", {}, [el("tr", {}, ["rank", "time in collectives", "per token"].map((h) => el("th", { text: h }))), ...rows])
-      : el("div", { class: "muted", text: "time in collectives: not measured by the engines yet" }),
+      ? el("table", {}, [el("tr", {}, heads.map((h) => el("th", { text: h }))), ...rows])
+      : el("div", { class: "muted", text: "time in collectives: sampled once every 100 decode steps at world size 2 or more; none sampled yet" }),
   ]);
 }
