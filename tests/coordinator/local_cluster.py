@@ -39,8 +39,8 @@ class LocalCluster(Processes):
         self.config = tmp / "cluster.yaml"
         lines = [
             "coordinator:",
-            "  heartbeat_interval_seconds: 0.2",
-            "  heartbeat_timeout_seconds: 1.0",
+            f"  heartbeat_interval_seconds: {config.get('heartbeat_interval', 0.2)}",
+            f"  heartbeat_timeout_seconds: {config.get('heartbeat_timeout', 1.0)}",
             f"  request_timeout_seconds: {config.get('request_timeout', 30)}",
             "parallelism:",
             f"  tensor_parallel_size: {world_size}",
@@ -154,7 +154,16 @@ def start_real_cluster(
     """A coordinator and `world_size` agents running the real engine on float32 weights of
     `model_path`, waited on until ready. `env` is added to every process's environment
     (SHARDCOMPUTE_SECTION__KEY settings override the config file)."""
-    cluster = LocalCluster(tmp, world_size, api_key=api_key, request_timeout=120)
+    # Real engines keep both cores busy: an agent may go a second without running, so the
+    # heartbeat timeout is 3 s here (fake-engine clusters test 1 s).
+    cluster = LocalCluster(
+        tmp,
+        world_size,
+        api_key=api_key,
+        request_timeout=120,
+        heartbeat_interval=0.5,
+        heartbeat_timeout=3.0,
+    )
     with cluster.config.open("a") as f:
         f.write(f"model:\n  name: {REAL_MODEL}\n  path: {model_path}\n  dtype: float32\n")
     cluster.env.update(env)
