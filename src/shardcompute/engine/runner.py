@@ -111,10 +111,10 @@ class CollectiveSample:
 class StepLoop:
     """Every rank: exchange a plan, execute it, hand the tokens on, until a plan says exit.
 
-    With `profile_every` (the serving engine's), one plain decode step in that many runs op by
-    op with each collective evaluated and timed on its own (every rank picks the same steps:
-    they execute the same plans), so a serving cluster reports the time in its collectives
-    without slowing every step."""
+    With `profile_every` (the serving engine's), the first plain decode step after every that
+    many steps runs op by op with each collective evaluated and timed on its own (every rank
+    picks the same steps: they execute the same plans), so a serving cluster reports the time
+    in its collectives without slowing every step."""
 
     def __init__(
         self,
@@ -128,7 +128,7 @@ class StepLoop:
         self.on_progress: Callable[[], None] = lambda: None  # a watchdog's pet
         self.profile_every = profile_every
         self.sample = CollectiveSample()
-        self._executed = 0
+        self._since_sample = 0  # steps executed since the last sampled one
 
     def steps(self, should_leave: Callable[[], bool] = lambda: False) -> Iterator[dict]:
         """Yield each step's tokens ({slot: token}, the same on every rank)."""
@@ -142,7 +142,7 @@ class StepLoop:
                 self._idle(plan.idle_seconds)
                 continue
             take = self.leader.take_tokens if self.leader is not None else lambda t: None
-            self._executed += 1
+            self._since_sample += 1
             if self._sampled(plan):
                 tokens = self._profiled(plan, take)
             else:
@@ -151,9 +151,13 @@ class StepLoop:
             yield tokens
 
     def _sampled(self, plan: StepPlan) -> bool:
+        """The first plain decode step once `profile_every` steps have run since the last."""
         plain = plan.decode and not plan.changes.prefill
-        due = self.profile_every and self._executed % self.profile_every == 0
-        return bool(plain and due and self.comm.size > 1)
+        due = self.profile_every and self._since_sample >= self.profile_every
+        if plain and due and self.comm.size > 1:
+            self._since_sample = 0
+            return True
+        return False
 
     def _profiled(self, plan: StepPlan, take) -> dict[int, int]:
         before = sum(self.comm.seconds.values())
