@@ -193,7 +193,7 @@ def test_benchmark_reports_and_writes_json(secured_cluster, tmp_path):
     report_file = tmp_path / "bench.json"
     out = subprocess.run(
         [sys.executable, "scripts/benchmark.py", "--coordinator-url", secured_cluster.url,
-         "--num-requests", "6", "--concurrency", "3", "--prompt-tokens", "16",
+         "--num-requests", "6", "--concurrency", "3", "--prompt-tokens", "48",
          "--max-tokens", "12", "--api-key", API_KEY, "--json", str(report_file)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -66,7 +66,9 @@ class Doomed:
         self.thread.start()
 
     def _read(self) -> None:
+        # Greedy: counting goes on for all 1000 tokens (sampled, it may stop of itself first).
         body = {"model": REAL_MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 1000}
+        body["temperature"] = 0
         url = self.cluster.url + "/v1/completions"
         with httpx.stream("POST", url, json=body | {"stream": True}, timeout=120) as r:
             for line in r.iter_lines():
