@@ -52,27 +52,44 @@ def test_bench_rows(tiny_hf_model, tmp_path):
 
 @pytest.mark.skipif(not (_blas.loaded and _blas.loaded.routed), reason="no sgemv routing here")
 @pytest.mark.parametrize(
-    "shape", [(1, 64, 96), (1, 96, 64), (5, 64, 96), (64, 96, 1), (4, 96, 640), (3, 2000, 700)]
+    "shape",
+    [
+        (1, 64, 96),
+        (1, 96, 64),
+        (5, 64, 96),
+        (64, 96, 1),
+        (4, 96, 640),
+        (3, 2000, 700),
+        (16, 37, 13),  # small_nt's tails: k not a multiple of 8, n not of 4
+        (7, 576, 1538),
+        (17, 64, 200),  # one row too many for small_nt: the transposed route
+    ],
 )
 def test_routed_matmul_matches_numpy(shape):
-    """Every operand layout of a single-row (or column) product, routed to sgemv, and of a
-    few rows against a wide matrix, routed transposed (the last in panels of columns)."""
+    """Every operand layout of a single-row (or column) product, routed to sgemv, of a few rows
+    against a weight stored as rows (x @ w.T, the decode step's projections), routed to
+    small_nt, and of a few rows against a wide matrix, routed transposed (the last in panels of
+    columns)."""
     m, k, n = shape
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
     bias = rng.standard_normal((m, n), np.float32)
     before = _blas.loaded.routed_calls()
-    # Row-major, and transposed views of each operand (MLX passes those as transposed).
-    for x, y in [
-        (mx.array(a), mx.array(b)),
-        (mx.array(a), mx.array(b.T).T),
-        (mx.array(a.T).T, mx.array(b)),
-    ]:
+    # Row-major, and transposed views of each operand (MLX passes those as transposed; an
+    # array made from a numpy transpose keeps its memory order, hence the copies).
+    def transposed(x):
+        return mx.array(np.ascontiguousarray(x.T)).T
+
+    for x, y in [(mx.array(a), mx.array(b)), (mx.array(a), transposed(b)), (transposed(a), mx.array(b))]:
         np.testing.assert_allclose(np.array(x @ y), a @ b, rtol=1e-4, atol=1e-4)
-    got = mx.addmm(mx.array(bias), mx.array(a), mx.array(b), alpha=0.5, beta=2.0)
-    np.testing.assert_allclose(np.array(got), 0.5 * a @ b + 2 * bias, rtol=1e-4, atol=1e-4)
+    for y in (mx.array(b), transposed(b)):  # alpha and beta, in both layouts of b
+        got = mx.addmm(mx.array(bias), mx.array(a), y, alpha=0.5, beta=2.0)
+        np.testing.assert_allclose(np.array(got), 0.5 * a @ b + 2 * bias, rtol=1e-4, atol=1e-4)
     routed = _blas.loaded.routed_calls() - before
-    assert routed == (4 if 1 in (m, n) or (m <= 32 and n > 128) else 0)
+    if 1 in (m, n) or (m <= 32 and n > 128):
+        assert routed == 5  # every product
+    else:  # only the two with b stored as rows, which small_nt takes
+        assert routed == (2 if m <= 16 else 0)
 
 
 def test_mlx_lm_peer_gets_the_same_model(smollm2_gguf, tmp_path):

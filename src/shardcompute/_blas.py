@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -91,10 +92,32 @@ def _cache_dir() -> Path:
     return Path(root) / "blas"
 
 
+# Flags to try in order: vector code for this CPU and OpenMP threads, then less of either.
+BUILD_FLAGS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-fopenmp"),
+    ("-O3", "-march=native"),
+    ("-O2",),
+)
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` builds for: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    keep = ("model name", "flags", "Features", "CPU part")
+    lines = {line for line in text.splitlines() if line.split(":")[0].strip() in keep}
+    return platform.machine() + "\n" + "\n".join(sorted(lines))
+
+
 def build_router() -> Path | None:
-    """Compile the routing library once per source version; None without a C compiler."""
+    """Compile the routing library once per source version and CPU; None without a C
+    compiler."""
     source = ROUTE_SOURCE.read_bytes()
-    target = _cache_dir() / f"gemv_route-{hashlib.sha256(source).hexdigest()[:12]}.so"
+    key = hashlib.sha256(source + _cpu_signature().encode()).hexdigest()[:12]
+    target = _cache_dir() / f"gemv_route-{key}.so"
     if target.exists():
         return target
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -104,14 +127,17 @@ def build_router() -> Path | None:
     # Build beside the target and rename, so concurrent ranks never load a half-written file.
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
-    cmd = [cc, "-O2", "-shared", "-fPIC", "-o", str(partial), str(ROUTE_SOURCE), "-ldl"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        partial.unlink(missing_ok=True)
-        print(f"shardcompute: could not build {ROUTE_SOURCE.name}: {done.stderr}", file=sys.stderr)
-        return None
-    partial.replace(target)
-    return target
+    errors = []
+    for flags in BUILD_FLAGS:
+        cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(partial), str(ROUTE_SOURCE), "-ldl"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            partial.replace(target)
+            return target
+        errors.append(f"{' '.join(flags)}: {done.stderr.strip()}")
+    partial.unlink(missing_ok=True)
+    print(f"shardcompute: could not build {ROUTE_SOURCE.name}: {errors}", file=sys.stderr)
+    return None
 
 
 def _try_router() -> BlasSetup | None:

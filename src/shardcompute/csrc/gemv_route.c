@@ -1,12 +1,15 @@
-/* Route MLX's decode-shaped float32 matmuls to the OpenBLAS calls that run them fastest.
+/* Route MLX's decode-shaped float32 matmuls to the code that runs them fastest.
  *
- * MLX's CPU backend does every float32 matmul with cblas_sgemm. In decode, one operand is a
- * single row (M == 1) or column (N == 1), and OpenBLAS's sgemm runs that at about a third of
- * the memory bandwidth its sgemv reaches: those calls go to sgemv. A batch of a few rows
- * (2 <= M <= skinny_m, N large) is also slow as given, because OpenBLAS's kernels are fast
- * when the small dimension is the output's rows in column-major order: those calls compute
- * C^T = op(B)^T op(A)^T into a scratch buffer, a panel of columns at a time, and transpose it
- * back (M x N floats, small).
+ * MLX's CPU backend does every float32 matmul with cblas_sgemm. In decode, the activations are
+ * a few rows (one per sequence in the batch) against a weight matrix stored as rows of k floats
+ * (x @ w.T, B transposed). OpenBLAS's sgemm runs that shape at a fraction of the memory
+ * bandwidth, and a batch of 2 rows cost it about what 2 separate rows cost. Those products
+ * (m <= small_m rows) go to `small_nt` below: each weight row is read from memory once and
+ * multiplied with every activation row while it is in L1, with the weight rows split between
+ * the threads by OpenMP. It is plain C with GCC vector extensions, built here for this CPU.
+ * Other single-row or single-column products go to OpenBLAS's sgemv. A product of a few rows
+ * in another layout (2 <= M <= skinny_m, N large) computes C^T = op(B)^T op(A)^T with sgemm into
+ * a scratch buffer, a panel of columns at a time, and transposes it back (M x N floats, small).
  * Everything else goes to sgemm as it came. Loaded RTLD_GLOBAL before MLX, this library's
  * cblas_sgemm takes MLX's calls; the OpenBLAS behind it is named in gemv_route_init (its
  * symbols may carry a prefix, e.g. "scipy_").
@@ -15,6 +18,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
@@ -71,6 +77,117 @@ long gemv_route_calls(void) { return routed_calls; }
 
 void gemv_route_set_skinny(int m) { skinny_m = m; }
 
+/* ---- small_nt: C[m,n] = alpha A[m,k] B[n,k]^T + beta C, row-major, for a few rows m ---- */
+
+static int small_m = 16; /* the most rows that take small_nt (0: never) */
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) {
+  v8 v;
+  memcpy(&v, p, sizeof v); /* an unaligned vector load */
+  return v;
+}
+
+static inline float sum8(v8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+static inline float dot_tail(const float *x, const float *w, int from, int k) {
+  float s = 0.0f;
+  for (int p = from; p < k; p++) s += x[p] * w[p];
+  return s;
+}
+
+static inline void store(float *c, float dot, float alpha, float beta) {
+  *c = beta == 0.0f ? alpha * dot : alpha * dot + beta * *c;
+}
+
+/* Columns j0..j1 of C: weight rows 4 at a time, against activation rows 2 at a time (8
+ * accumulators), so the 4 weight rows are read from memory once and from L1 after. */
+static void small_nt_cols(int m, int j0, int j1, int k, float alpha, const float *a, int lda,
+                          const float *b, int ldb, float beta, float *c, int ldc) {
+  const int kv = k & ~7;
+  int j = j0;
+  for (; j + 4 <= j1; j += 4) {
+    const float *w0 = b + (long)j * ldb, *w1 = w0 + ldb, *w2 = w1 + ldb, *w3 = w2 + ldb;
+    int i = 0;
+    for (; i + 2 <= m; i += 2) {
+      const float *x0 = a + (long)i * lda, *x1 = x0 + lda;
+      v8 s00 = {0}, s01 = {0}, s02 = {0}, s03 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s13 = {0};
+      for (int p = 0; p < kv; p += 8) {
+        v8 u = load8(x0 + p), v = load8(x1 + p), w;
+        w = load8(w0 + p); s00 += u * w; s10 += v * w;
+        w = load8(w1 + p); s01 += u * w; s11 += v * w;
+        w = load8(w2 + p); s02 += u * w; s12 += v * w;
+        w = load8(w3 + p); s03 += u * w; s13 += v * w;
+      }
+      float *c0 = c + (long)i * ldc + j, *c1 = c0 + ldc;
+      store(c0 + 0, sum8(s00) + dot_tail(x0, w0, kv, k), alpha, beta);
+      store(c0 + 1, sum8(s01) + dot_tail(x0, w1, kv, k), alpha, beta);
+      store(c0 + 2, sum8(s02) + dot_tail(x0, w2, kv, k), alpha, beta);
+      store(c0 + 3, sum8(s03) + dot_tail(x0, w3, kv, k), alpha, beta);
+      store(c1 + 0, sum8(s10) + dot_tail(x1, w0, kv, k), alpha, beta);
+      store(c1 + 1, sum8(s11) + dot_tail(x1, w1, kv, k), alpha, beta);
+      store(c1 + 2, sum8(s12) + dot_tail(x1, w2, kv, k), alpha, beta);
+      store(c1 + 3, sum8(s13) + dot_tail(x1, w3, kv, k), alpha, beta);
+    }
+    for (; i < m; i++) {
+      const float *x0 = a + (long)i * lda;
+      v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+      for (int p = 0; p < kv; p += 8) {
+        v8 u = load8(x0 + p);
+        s0 += u * load8(w0 + p);
+        s1 += u * load8(w1 + p);
+        s2 += u * load8(w2 + p);
+        s3 += u * load8(w3 + p);
+      }
+      float *c0 = c + (long)i * ldc + j;
+      store(c0 + 0, sum8(s0) + dot_tail(x0, w0, kv, k), alpha, beta);
+      store(c0 + 1, sum8(s1) + dot_tail(x0, w1, kv, k), alpha, beta);
+      store(c0 + 2, sum8(s2) + dot_tail(x0, w2, kv, k), alpha, beta);
+      store(c0 + 3, sum8(s3) + dot_tail(x0, w3, kv, k), alpha, beta);
+    }
+  }
+  for (; j < j1; j++) {
+    const float *w0 = b + (long)j * ldb;
+    for (int i = 0; i < m; i++) {
+      const float *x0 = a + (long)i * lda;
+      v8 s0 = {0};
+      for (int p = 0; p < kv; p += 8) s0 += load8(x0 + p) * load8(w0 + p);
+      store(c + (long)i * ldc + j, sum8(s0) + dot_tail(x0, w0, kv, k), alpha, beta);
+    }
+  }
+}
+
+static void small_nt(int threads, int m, int n, int k, float alpha, const float *a, int lda,
+                     const float *b, int ldb, float beta, float *c, int ldc) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      int per = ((n + nt - 1) / nt + 3) & ~3; /* whole blocks of 4 weight rows each */
+      int j0 = t * per, j1 = j0 + per < n ? j0 + per : n;
+      if (j0 < j1) small_nt_cols(m, j0, j1, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
+    return;
+  }
+#endif
+  (void)threads;
+  small_nt_cols(m, 0, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void gemv_route_set_small(int m) { small_m = m; }
+
+int gemv_route_openmp(void) {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 static int flip(int trans) { return trans == TRANS ? NO_TRANS : TRANS; }
 
 /* Row-major C[m,n] = alpha op(A) op(B) + beta C for a few rows m: computed as
@@ -102,6 +219,13 @@ static int skinny(int ta, int tb, int m, int n, int k, float alpha, const float 
 void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
                  const float *a, int lda, const float *b, int ldb, float beta, float *c,
                  int ldc) {
+  /* A decode step's projections: a few activation rows against a weight stored as rows. */
+  int threads = (long)m * n * k >= gemv_split_elems ? gemm_threads : 1;
+  if (order == ROW_MAJOR && trans_a == NO_TRANS && trans_b == TRANS && m <= small_m && n >= 4) {
+    small_nt(threads, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    routed_calls++;
+    return;
+  }
   if (order == ROW_MAJOR && (m == 1 || n == 1) && beta == 0.0f) {
     /* BLAS may scale c by beta instead of ignoring it, and 0 * NaN is NaN: MLX's output
      * buffer is uninitialised, so clear it first. */
@@ -110,7 +234,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
   }
   /* Small products (a decode step's attention: a few rows against one row's keys) run on
    * one thread: waking the others costs more than the product. */
-  use_threads((long)m * n * k >= gemv_split_elems ? gemm_threads : 1);
+  use_threads(threads);
   if (order == ROW_MAJOR && m == 1) {
     /* c[1,n] = a[1,k] op(b): a gemv over b, whose stored rows are n long if b is transposed. */
     int inc_a = trans_a == NO_TRANS ? 1 : lda;
