@@ -24,10 +24,12 @@ ARGS = ModelArgs(
 )
 
 
-def random_model(seed: int = 0, quant: dict | None = None, compiled: bool = True) -> Model:
+def random_model(
+    seed: int = 0, quant: dict | None = None, compiled: bool = True, host_softmax: int = 0
+) -> Model:
     mx.random.seed(seed)
     kernels = Kernels.for_device()
-    kernels = Kernels(fused_rope=kernels.fused_rope, compiled_decode=compiled)
+    kernels = Kernels(kernels.fused_rope, compiled, host_softmax)
     model = Model(ARGS, make_plan(ARGS, 1), mx.float32, kernels=kernels)
     model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.2, model.parameters()))
     if quant:
@@ -83,6 +85,18 @@ def test_a_batch_of_rows_each_at_its_own_position(compiled):
         for i, ids in enumerate(seqs.values()):
             assert close(h[i : i + 1], model.hidden(mx.array([ids]))[:, -1:]), (step, i)
     assert cache.rows == 4  # rows come in powers of two; row 1 sat idle
+
+
+def test_long_prefill_chunks_with_the_softmax_in_numpy():
+    """Chunks deep enough in a prompt take parallel/host_softmax.py: the same hidden states as
+    the uncached forward (MLX's own attention) over the whole prompt."""
+    model = random_model(host_softmax=2)
+    ids = np.random.default_rng(3).integers(0, ARGS.vocab_size, 520).tolist()
+    want = model.hidden(mx.array([ids]))
+    cache = model.make_cache()
+    for start in (0, 260):  # the second chunk: 4 heads x 260 queries x 520 positions
+        got = model.prefill(mx.array([ids[start : start + 260]]), cache, 0)
+        assert close(got, want[:, start : start + 260]), start
 
 
 def test_compiled_step_is_traced_once_per_shape():

@@ -16,7 +16,14 @@ from shardcompute.engine.scheduler import (
     chunk_bound,
 )
 from shardcompute.engine.step_plan import Changes, PlanError, PrefillChunk, RowJoin, StepPlan
-from shardcompute.kv_layout import CAPACITY_STEP, fit_shape, kv_shape, kv_tokens
+from shardcompute.kv_layout import (
+    CAPACITY_STEP,
+    WINDOW_STEP,
+    attention_window,
+    fit_shape,
+    kv_shape,
+    kv_tokens,
+)
 
 EOS = 2
 
@@ -209,6 +216,18 @@ def test_kv_accounting_is_the_cache_shape():
     assert fit_shape((4, 512), {0: 10, 1: 10}, 10**6) == (2, 256)
     assert fit_shape((4, 512), {0: 10, 2: 300}, 10**6) == (4, 512)
     assert fit_shape((4, 512), {0: 10, 2: 10}, 2 * 512) == (4, 256)  # the budget comes first
+
+
+def test_decode_attends_over_a_window_just_past_the_longest_row():
+    cap = 1 << 20
+    assert attention_window(1, cap) == attention_window(WINDOW_STEP, cap) == WINDOW_STEP
+    assert attention_window(WINDOW_STEP + 1, cap) == 2 * WINDOW_STEP
+    assert attention_window(300, 256) == 256  # never past the buffers
+    windows = {attention_window(n, cap) for n in range(1, 32769)}
+    assert len(windows) <= 64  # each is one trace of the decode step
+    for n in range(1, 32769, 7):
+        w = attention_window(n, cap)
+        assert n <= w <= max(n + WINDOW_STEP - 1, n * 9 // 8 + 1), n
 
 
 def test_aborts_free_rows_and_queue_places():

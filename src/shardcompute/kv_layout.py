@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 CAPACITY_STEP = 256
+WINDOW_STEP = 64  # the finest step of a decode step's attention window
 
 
 def row_bucket(rows: int) -> int:
@@ -26,6 +27,16 @@ def kv_shape(lengths: Mapping[int, int]) -> tuple[int, int]:
     rows = row_bucket(max(lengths) + 1)
     capacity = -(-(max(lengths.values()) + 1) // CAPACITY_STEP) * CAPACITY_STEP
     return rows, capacity
+
+
+def attention_window(positions: int, capacity: int) -> int:
+    """How many positions of the buffers a decode step attends over when its longest row
+    holds `positions`: rounded up to a step of WINDOW_STEP, or of the largest power of two
+    within an eighth of the length if larger. A step then reads and exponentiates at most an
+    eighth past the rows' ends, and the number of distinct windows (each one trace of the step)
+    grows with the logarithm of the length: 8 per doubling."""
+    step = max(WINDOW_STEP, 1 << max(0, (positions // 8).bit_length() - 1))
+    return min(capacity, -(-positions // step) * step)
 
 
 def kv_tokens(lengths: Mapping[int, int]) -> int:

@@ -54,6 +54,30 @@ def prepare_process(device: Device | None = None):
     return preload_blas()
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
+
+
+def keep_freed_memory() -> bool:
+    """After loading, on the CPU under glibc: serve allocations from the heap and keep freed
+    memory there, instead of mapping large blocks afresh and unmapping them when freed.
+
+    MLX's CPU allocator caches no buffers, so a prefill step's large temporaries (a long
+    prompt's attention scores: 37 MB a layer at 4000 tokens) are mapped, faulted in page by
+    page, and unmapped again at every layer. In the VMs measured here a fault costs about
+    10 us: a 37 MB subtraction took 106 ms this way, and 3 ms from the heap. The cost: this
+    process's resident memory stays at its peak working set, as with MLX's GPU buffer cache.
+    Returns whether the setting took effect."""
+    if not sys.platform.startswith("linux") or os.environ.get("SHARDCOMPUTE_KEEP_FREED") == "0":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def mlx_device() -> Device:
     """The device MLX computes on in this process (imports MLX)."""
     import mlx.core as mx

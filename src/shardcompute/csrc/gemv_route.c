@@ -93,70 +93,67 @@ static inline float sum8(v8 v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
-static inline float dot_tail(const float *x, const float *w, int from, int k) {
-  float s = 0.0f;
-  for (int p = from; p < k; p++) s += x[p] * w[p];
-  return s;
-}
-
 static inline void store(float *c, float dot, float alpha, float beta) {
   *c = beta == 0.0f ? alpha * dot : alpha * dot + beta * *c;
 }
 
-/* Columns j0..j1 of C: weight rows 4 at a time, against activation rows 2 at a time (8
- * accumulators), so the 4 weight rows are read from memory once and from L1 after. */
-static void small_nt_cols(int m, int j0, int j1, int k, float alpha, const float *a, int lda,
-                          const float *b, int ldb, float beta, float *c, int ldc) {
+/* One tile: r weight rows (C's columns) against g activation rows (C's rows), r * g vector
+ * accumulators, in one pass over k. Inlined with constant r and g, its loops unroll and the
+ * accumulators stay in registers. */
+static inline __attribute__((always_inline)) void tile(int r, int g, int k, float alpha,
+                                                       const float *x, int lda, const float *w,
+                                                       int ldb, float beta, float *c, int ldc) {
+  v8 s[4][8];
   const int kv = k & ~7;
-  int j = j0;
-  for (; j + 4 <= j1; j += 4) {
-    const float *w0 = b + (long)j * ldb, *w1 = w0 + ldb, *w2 = w1 + ldb, *w3 = w2 + ldb;
-    int i = 0;
-    for (; i + 2 <= m; i += 2) {
-      const float *x0 = a + (long)i * lda, *x1 = x0 + lda;
-      v8 s00 = {0}, s01 = {0}, s02 = {0}, s03 = {0}, s10 = {0}, s11 = {0}, s12 = {0}, s13 = {0};
-      for (int p = 0; p < kv; p += 8) {
-        v8 u = load8(x0 + p), v = load8(x1 + p), w;
-        w = load8(w0 + p); s00 += u * w; s10 += v * w;
-        w = load8(w1 + p); s01 += u * w; s11 += v * w;
-        w = load8(w2 + p); s02 += u * w; s12 += v * w;
-        w = load8(w3 + p); s03 += u * w; s13 += v * w;
-      }
-      float *c0 = c + (long)i * ldc + j, *c1 = c0 + ldc;
-      store(c0 + 0, sum8(s00) + dot_tail(x0, w0, kv, k), alpha, beta);
-      store(c0 + 1, sum8(s01) + dot_tail(x0, w1, kv, k), alpha, beta);
-      store(c0 + 2, sum8(s02) + dot_tail(x0, w2, kv, k), alpha, beta);
-      store(c0 + 3, sum8(s03) + dot_tail(x0, w3, kv, k), alpha, beta);
-      store(c1 + 0, sum8(s10) + dot_tail(x1, w0, kv, k), alpha, beta);
-      store(c1 + 1, sum8(s11) + dot_tail(x1, w1, kv, k), alpha, beta);
-      store(c1 + 2, sum8(s12) + dot_tail(x1, w2, kv, k), alpha, beta);
-      store(c1 + 3, sum8(s13) + dot_tail(x1, w3, kv, k), alpha, beta);
-    }
-    for (; i < m; i++) {
-      const float *x0 = a + (long)i * lda;
-      v8 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-      for (int p = 0; p < kv; p += 8) {
-        v8 u = load8(x0 + p);
-        s0 += u * load8(w0 + p);
-        s1 += u * load8(w1 + p);
-        s2 += u * load8(w2 + p);
-        s3 += u * load8(w3 + p);
-      }
-      float *c0 = c + (long)i * ldc + j;
-      store(c0 + 0, sum8(s0) + dot_tail(x0, w0, kv, k), alpha, beta);
-      store(c0 + 1, sum8(s1) + dot_tail(x0, w1, kv, k), alpha, beta);
-      store(c0 + 2, sum8(s2) + dot_tail(x0, w2, kv, k), alpha, beta);
-      store(c0 + 3, sum8(s3) + dot_tail(x0, w3, kv, k), alpha, beta);
+  for (int q = 0; q < r; q++)
+    for (int i = 0; i < g; i++) s[q][i] = (v8){0};
+  for (int p = 0; p < kv; p += 8) {
+    v8 u[4];
+    for (int q = 0; q < r; q++) u[q] = load8(w + (long)q * ldb + p);
+    for (int i = 0; i < g; i++) {
+      v8 xv = load8(x + (long)i * lda + p);
+      for (int q = 0; q < r; q++) s[q][i] += xv * u[q];
     }
   }
-  for (; j < j1; j++) {
-    const float *w0 = b + (long)j * ldb;
-    for (int i = 0; i < m; i++) {
-      const float *x0 = a + (long)i * lda;
-      v8 s0 = {0};
-      for (int p = 0; p < kv; p += 8) s0 += load8(x0 + p) * load8(w0 + p);
-      store(c + (long)i * ldc + j, sum8(s0) + dot_tail(x0, w0, kv, k), alpha, beta);
+  for (int q = 0; q < r; q++)
+    for (int i = 0; i < g; i++) {
+      float dot = sum8(s[q][i]);
+      for (int p = kv; p < k; p++) dot += x[(long)i * lda + p] * w[(long)q * ldb + p];
+      store(c + (long)i * ldc + q, dot, alpha, beta);
     }
+}
+
+/* Columns j0..j1 of C for g activation rows, r weight rows at a time. */
+#define TILES(R, G)                                                                          \
+  static void tiles_##R##_##G(int j0, int j1, int k, float alpha, const float *x, int lda,  \
+                              const float *b, int ldb, float beta, float *c, int ldc) {     \
+    int j = j0;                                                                             \
+    for (; j + (R) <= j1; j += (R))                                                         \
+      tile(R, G, k, alpha, x, lda, b + (long)j * ldb, ldb, beta, c + j, ldc);               \
+    for (; j < j1; j++) tile(1, G, k, alpha, x, lda, b + (long)j * ldb, ldb, beta, c + j, ldc); \
+  }
+TILES(4, 1)
+TILES(4, 2)
+TILES(1, 5)
+TILES(1, 6)
+TILES(1, 7)
+TILES(1, 8)
+
+typedef void (*tiles_fn)(int, int, int, float, const float *, int, const float *, int, float,
+                         float *, int);
+
+/* Columns j0..j1 of C. 5 to 8 activation rows take one pass over the weights with a weight row
+ * against all of them (measured fastest from memory: one weight stream, each value used g
+ * times); fewer take 4 weight rows against 2 or 1 activation rows (enough accumulators to
+ * hide the FMA latency). */
+static void small_nt_cols(int m, int j0, int j1, int k, float alpha, const float *a, int lda,
+                          const float *b, int ldb, float beta, float *c, int ldc) {
+  static const tiles_fn wide[9] = {0, 0, 0, 0, 0, tiles_1_5, tiles_1_6, tiles_1_7, tiles_1_8};
+  for (int i = 0; i < m;) {
+    int left = m - i, g = left >= 5 ? (left < 8 ? left : 8) : (left >= 2 ? 2 : 1);
+    tiles_fn run = g >= 5 ? wide[g] : g == 2 ? tiles_4_2 : tiles_4_1;
+    run(j0, j1, k, alpha, a + (long)i * lda, lda, b, ldb, beta, c + (long)i * ldc, ldc);
+    i += g;
   }
 }
 

@@ -26,10 +26,14 @@ from shardcompute.errors import ShardComputeError
 from shardcompute.model.llama import Model
 from shardcompute.model.loader import load_model
 from shardcompute.model.tokenizer import ByteTokenizer
+from shardcompute.runtime import keep_freed_memory
 
 
 def load_spec(spec: ModelSpec, comm: Collectives) -> Model:
-    return load_model(spec.model, spec.dtype, comm, spec.weights, spec.shard_dir)
+    model = load_model(spec.model, spec.dtype, comm, spec.weights, spec.shard_dir)
+    if mx.default_device() == mx.cpu:
+        keep_freed_memory()  # from here on: steps, whose temporaries repeat
+    return model
 
 
 def tokenizer_for(spec: ModelSpec):

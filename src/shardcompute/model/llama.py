@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from shardcompute.collectives.group import Collectives
 from shardcompute.dtypes import QuantSpec
+from shardcompute.kv_layout import attention_window
 from shardcompute.model.cache import BatchKVCache, flatten, unflatten
 from shardcompute.model_spec import ModelArgs
 from shardcompute.parallel.attention import ParallelAttention
@@ -53,6 +54,7 @@ class TransformerBlock(nn.Module):
         quant: QuantMap,
         prefix: str,
         dtype: mx.Dtype,
+        kernels: Kernels,
     ):
         super().__init__()
         slices = plan[rank]
@@ -61,7 +63,9 @@ class TransformerBlock(nn.Module):
             for n in ("q_proj", "k_proj", "v_proj", "o_proj")
         }
         mlp_q = {n: quant.get(f"{prefix}.mlp.{n}") for n in ("gate_proj", "up_proj", "down_proj")}
-        self.self_attn = ParallelAttention(args, slices, comm, attn_q, dtype)
+        self.self_attn = ParallelAttention(
+            args, slices, comm, attn_q, dtype, kernels.host_softmax_threads
+        )
         self.mlp = ParallelMLP(args, slices, comm, mlp_q, dtype)
         self.input_layernorm = rms_norm(args, dtype)
         self.post_attention_layernorm = rms_norm(args, dtype)
@@ -101,7 +105,7 @@ class LlamaBody(nn.Module):
             dtype,
         )
         self.layers = [
-            TransformerBlock(args, plan, rank, comm, quant, f"model.layers.{i}", dtype)
+            TransformerBlock(args, plan, rank, comm, quant, f"model.layers.{i}", dtype, kernels)
             for i in range(args.num_hidden_layers)
         ]
         self.norm = rms_norm(args, dtype)
@@ -171,7 +175,9 @@ class Model(nn.Module):
     def decode(self, tokens: dict[int, int], cache: BatchKVCache) -> mx.array:
         """One token for each of some rows ({slot: token}) -> (len, 1, hidden), in slot order
         of `tokens`. The step runs over every row of the cache as one graph, compiled unless
-        collectives are being profiled (the profiler evaluates inside the graph)."""
+        collectives are being profiled (the profiler evaluates inside the graph), attending
+        over a window of the buffers just past the longest decoding row: one trace per (rows,
+        capacity, window), reused at every position of the window."""
         cache.reserve({s: cache.lengths[s] + 1 for s in tokens})
         ids = [[tokens.get(r, 0)] for r in range(cache.rows)]  # rows not decoding: ignored
         offsets = [cache.lengths.get(r, 0) for r in range(cache.rows)]
@@ -179,17 +185,24 @@ class Model(nn.Module):
         if self.kernels.compiled_decode and not self.comm.profile:
             self._decode = self._decode or mx.compile(self._decode_graph)
             step = self._decode
-        h, *arrays = step(mx.array(ids, mx.int32), mx.array(offsets, mx.int32), *cache.arrays())
+        longest = 1 + max(cache.lengths[s] for s in tokens)  # positions the step attends to
+        window = mx.zeros((attention_window(longest, cache.capacity),), mx.int8)  # a shape only
+        h, *arrays = step(
+            mx.array(ids, mx.int32), mx.array(offsets, mx.int32), window, *cache.arrays()
+        )
         cache.set_arrays(arrays)
         for s in tokens:
             cache.lengths[s] += 1
         return h[mx.array(list(tokens), mx.int32)]
 
-    def _decode_graph(self, ids: mx.array, offsets: mx.array, *arrays: mx.array) -> list:
+    def _decode_graph(
+        self, ids: mx.array, offsets: mx.array, window: mx.array, *arrays: mx.array
+    ) -> list:
         """Pure in arrays (weights are constants of the trace): ids (rows, 1), offsets (rows,),
-        KV buffers -> hidden states and the updated buffers."""
+        an array whose length is the attention window, KV buffers -> hidden states and the
+        updated buffers."""
         kv = unflatten(list(arrays))
-        h = self.model(ids, kv, Positions.decode(offsets, arrays[0].shape[2]))
+        h = self.model(ids, kv, Positions.decode(offsets, window.shape[0]))
         return [h, *flatten(kv)]
 
     def fuse_projections(self) -> None:

@@ -8,6 +8,7 @@ import mlx.nn as nn
 from shardcompute.collectives.group import Collectives
 from shardcompute.dtypes import QuantSpec
 from shardcompute.model_spec import ModelArgs
+from shardcompute.parallel.host_softmax import chunk_attention, worth_it
 from shardcompute.parallel.kv import LayerKV, Positions
 from shardcompute.parallel.linear import ColumnParallelLinear, RowParallelLinear, fuse_columns
 from shardcompute.parallel.plan import RankSlices
@@ -23,8 +24,10 @@ class ParallelAttention(nn.Module):
         comm: Collectives,
         quant: dict[str, QuantSpec | None],
         dtype: mx.Dtype,
+        host_softmax_threads: int = 0,
     ):
         super().__init__()
+        self.host_softmax_threads = host_softmax_threads  # see parallel/kernels.py
         hd = args.head_dim
         self.head_dim = hd
         self.local_num_heads = slices.local_num_heads
@@ -60,7 +63,10 @@ class ParallelAttention(nn.Module):
         v = split_heads(v, self.local_num_kv_heads)
         if kv is not None:
             k, v = pos.write(kv, k, v)  # (B, local_kv_heads, positions seen, head_dim)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
+        if self.host_softmax_threads and worth_it(q, k, pos.mask):
+            o = chunk_attention(q, k, v, self.scale, pos.mask, self.host_softmax_threads)
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
         return self.o_proj(merge_heads(o))
 
 

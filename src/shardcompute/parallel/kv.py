@@ -6,8 +6,9 @@ Three kinds of pass, one `Positions` each:
 - a prefill chunk of one row: written into that row's buffers at its offset with a slice
   update, and attention reads only the row's used positions, not the whole buffer;
 - a decode step of a batch: one token per row, each at its own offset, written with a scatter
-  (`put_along_axis`), attention over the whole buffers under a per-row mask. The shapes depend
-  only on (rows, capacity), so `mx.compile` traces the step once per bucket and capacity.
+  (`put_along_axis`), attention over the buffers' first positions (a window past the longest
+  row) under a per-row mask. The shapes depend only on (rows, capacity, window), so
+  `mx.compile` traces the step once per bucket, capacity and window.
 """
 
 from __future__ import annotations
@@ -55,10 +56,12 @@ class Positions:
         return cls(offset, mask, lambda kv, k, v: _write_chunk(kv, k, v, row, offset))
 
     @classmethod
-    def decode(cls, offsets: mx.array, capacity: int) -> Positions:
-        """One token per row at offsets (B,): row b sees its buffer's slots 0..offsets[b]."""
-        mask = (mx.arange(capacity)[None] <= offsets[:, None])[:, None, None, :]  # (B,1,1,cap)
-        return cls(offsets, mask, lambda kv, k, v: _write_rows(kv, k, v, offsets))
+    def decode(cls, offsets: mx.array, window: int) -> Positions:
+        """One token per row at offsets (B,): row b sees its buffer's slots 0..offsets[b].
+        Attention reads the first `window` slots (past every offset; see
+        kv_layout.attention_window), the rest of the buffers being masked anyway."""
+        mask = (mx.arange(window)[None] <= offsets[:, None])[:, None, None, :]  # (B,1,1,window)
+        return cls(offsets, mask, lambda kv, k, v: _write_rows(kv, k, v, offsets, window))
 
 
 def _write_chunk(kv: LayerKV, k: mx.array, v: mx.array, row: int, offset: int):
@@ -69,9 +72,9 @@ def _write_chunk(kv: LayerKV, k: mx.array, v: mx.array, row: int, offset: int):
     return kv.keys[row : row + 1, :, :end, :], kv.values[row : row + 1, :, :end, :]
 
 
-def _write_rows(kv: LayerKV, k: mx.array, v: mx.array, offsets: mx.array):
-    """Store (B, H, 1, D) at each row's own offset; return the whole buffers."""
+def _write_rows(kv: LayerKV, k: mx.array, v: mx.array, offsets: mx.array, window: int):
+    """Store (B, H, 1, D) at each row's own offset; return the buffers' first `window` slots."""
     index = mx.broadcast_to(offsets.reshape(-1, 1, 1, 1), k.shape)
     kv.keys = mx.put_along_axis(kv.keys, index, k, axis=2)
     kv.values = mx.put_along_axis(kv.values, index, v, axis=2)
-    return kv.keys, kv.values
+    return kv.keys[:, :, :window, :], kv.values[:, :, :window, :]
