@@ -120,19 +120,30 @@ def test_admission_is_bounded_by_the_batch_size_first_in_first_out():
     assert [j.slot for j in plan.changes.joins] == [0, 1]  # the freed rows, reused
 
 
-def test_chunks_shrink_deep_in_a_long_prompt():
+def test_chunks_shrink_deep_in_a_long_prompt_while_others_decode():
     """A chunk's attention reads every earlier position: deep in a prompt the chunk shrinks so
-    each step's prefill costs about the same."""
+    each step that also decodes other rows costs about the same. A prompt alone stalls nobody
+    and takes whole chunks (small ones cost more per token)."""
     assert [chunk_bound(o, 512) for o in (0, 512, 2048, 7500)] == [512, 316, 120, 34]
     assert chunk_bound(10**6, 512) == MIN_CHUNK
     s = make(prefill_chunk=64)
+    s.add(req("short", prompt=2, max_tokens=200))
+    run_step(s)
     s.add(req("long", prompt=400, max_tokens=1))
     sizes = []
-    while s.running or s.waiting:
+    while any(r.id == "long" for r in [*s.running, *s.waiting]):
         plan, _ = run_step(s)
+        assert plan.decode == [0]
         sizes += [len(c.tokens) for c in plan.changes.prefill]
     assert sum(sizes) == 400 and sizes[0] == 64 and sizes[-2] < 20
     assert all(n * (sum(sizes[:i]) + n) <= 64 * 64 or n == MIN_CHUNK for i, n in enumerate(sizes))
+    alone = make(prefill_chunk=64)
+    alone.add(req("long", prompt=400, max_tokens=1))
+    sizes = []
+    while alone.running or alone.waiting:
+        plan, _ = run_step(alone)
+        sizes += [len(c.tokens) for c in plan.changes.prefill]
+    assert sizes == [64] * 6 + [16]
 
 
 def test_prompts_finish_one_after_another_shortest_first():

@@ -3,11 +3,14 @@
 MLX's CPU backend does every float32 matmul with `cblas_sgemm`, resolved from the global
 symbol table, and the wheel bundles a slow reference BLAS. Two levers, in order of preference:
 
-1. A small routing library (`csrc/gemv_route.c`, compiled once with the system C compiler
-   and cached) is loaded RTLD_GLOBAL. Its `cblas_sgemm` sends single-row products (every
-   matmul of a decode step) to OpenBLAS's `sgemv`, about 2-3x faster there than `sgemm`,
-   and all else to `sgemm`. The OpenBLAS behind it is the `scipy-openblas32` wheel when
-   installed (a recent release, prefixed symbols), else the system's.
+1. A small routing library (`csrc/gemv_route.c`, compiled once per CPU with the system C
+   compiler, for that CPU's vector instructions and with OpenMP, and cached) is loaded
+   RTLD_GLOBAL. Its `cblas_sgemm` runs a decode step's projections (1 to 16 activation rows
+   against a weight stored as rows) in its own `small_nt` kernel, which reads each weight
+   once for all the rows; it sends other single-row products to OpenBLAS's `sgemv`, about
+   2-3x faster there than `sgemm`, and all else to `sgemm`. The OpenBLAS behind it is the
+   `scipy-openblas32` wheel when installed (a recent release, prefixed symbols), else the
+   system's.
 2. Without a C compiler: the system OpenBLAS (`libopenblas0-pthread`) loaded RTLD_GLOBAL.
 
 `SHARDCOMPUTE_OPENBLAS=0` skips both; `SHARDCOMPUTE_GEMV_ROUTE=0` skips the router only.

@@ -102,10 +102,11 @@ OLDEST_SHARE = 4  # the oldest prompt being prefilled gets 1/4 of each step's bu
 
 
 def chunk_bound(offset: int, chunk: int) -> int:
-    """The most prompt tokens a row at `offset` may prefill in one step: a chunk's attention
-    reads every position before it, so deep in a long prompt the chunk shrinks to keep
-    tokens x (offset + tokens) within chunk x chunk, and a step costs about the same at
-    position 7000 as at 0 (at least MIN_CHUNK tokens, so it always moves)."""
+    """The most prompt tokens a row at `offset` may prefill in a step that also decodes other
+    rows: a chunk's attention reads every position before it, so deep in a long prompt the
+    chunk shrinks to keep tokens x (offset + tokens) within chunk x chunk, and their step costs
+    about the same at position 7000 as at 0 (at least MIN_CHUNK tokens, so it always moves).
+    Small chunks cost more per token, so a prompt that no other row waits for is not bound."""
     area = chunk * chunk
     fits = int((math.sqrt(offset * offset + 4 * area) - offset) / 2)
     return max(MIN_CHUNK, min(chunk, fits))
@@ -239,13 +240,16 @@ class Scheduler:
         prompt's guaranteed share first, then the rest of the budget to the prompts with the
         fewest tokens left (oldest first among equals). Prompts that this step finishes run
         first, so their first tokens go out before the other chunks' work. Every chunk is
-        also bounded by its attention (see `chunk_bound`)."""
+        also bounded by its attention (see `chunk_bound`) while other rows decode: alone, a long
+        prompt takes whole chunks, and stalls nobody."""
         prefilling = [r for r in self.running if r.prefilling]
         if not prefilling:
             return {}
         budget = self.config.prefill_chunk
         left = {r.slot: len(r.target) - r.computed for r in prefilling}
-        room = {r.slot: min(left[r.slot], chunk_bound(r.computed, budget)) for r in prefilling}
+        decoding = len(prefilling) < len(self.running)
+        bound = chunk_bound if decoding else lambda offset, chunk: chunk
+        room = {r.slot: min(left[r.slot], bound(r.computed, budget)) for r in prefilling}
         oldest = prefilling[0].slot
         chunks = dict.fromkeys(room, 0)
         chunks[oldest] = min(room[oldest], max(MIN_CHUNK, budget // OLDEST_SHARE))
