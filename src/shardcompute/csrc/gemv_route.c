@@ -157,16 +157,20 @@ static void small_nt_cols(int m, int j0, int j1, int k, float alpha, const float
   }
 }
 
+/* The columns go out in blocks that the threads take as they come free (OpenMP's dynamic
+ * schedule), 8 per thread: a thread that loses its core for a while (to another process, or to
+ * this one's HTTP threads) delays the product by a block, not by its whole share. */
 static void small_nt(int threads, int m, int n, int k, float alpha, const float *a, int lda,
                      const float *b, int ldb, float beta, float *c, int ldc) {
 #ifdef _OPENMP
   if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-      int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      int per = ((n + nt - 1) / nt + 3) & ~3; /* whole blocks of 4 weight rows each */
-      int j0 = t * per, j1 = j0 + per < n ? j0 + per : n;
-      if (j0 < j1) small_nt_cols(m, j0, j1, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    int block = ((n + 8 * threads - 1) / (8 * threads) + 3) & ~3; /* whole tiles of 4 */
+    if (block < 16) block = 16;
+    int blocks = (n + block - 1) / block;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int i = 0; i < blocks; i++) {
+      int j0 = i * block, j1 = j0 + block < n ? j0 + block : n;
+      small_nt_cols(m, j0, j1, k, alpha, a, lda, b, ldb, beta, c, ldc);
     }
     return;
   }
