@@ -75,12 +75,17 @@ def test_routed_matmul_matches_numpy(shape):
     a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
     bias = rng.standard_normal((m, n), np.float32)
     before = _blas.loaded.routed_calls()
+
     # Row-major, and transposed views of each operand (MLX passes those as transposed; an
     # array made from a numpy transpose keeps its memory order, hence the copies).
     def transposed(x):
         return mx.array(np.ascontiguousarray(x.T)).T
 
-    for x, y in [(mx.array(a), mx.array(b)), (mx.array(a), transposed(b)), (transposed(a), mx.array(b))]:
+    for x, y in [
+        (mx.array(a), mx.array(b)),
+        (mx.array(a), transposed(b)),
+        (transposed(a), mx.array(b)),
+    ]:
         np.testing.assert_allclose(np.array(x @ y), a @ b, rtol=1e-4, atol=1e-4)
     for y in (mx.array(b), transposed(b)):  # alpha and beta, in both layouts of b
         got = mx.addmm(mx.array(bias), mx.array(a), y, alpha=0.5, beta=2.0)

@@ -94,13 +94,21 @@ SAMPLES = [
         top_k=40,
         top_p=0.9,
     ),
-    p.EventBatch(
-        events=[
-            p.GenerationEvent(text="a", token_ids=[1]),
-            p.GenerationEvent(finish_reason="length", prompt_tokens=3, completion_tokens=2),
+    p.EventPosts(
+        posts=[
+            p.RequestEvents(
+                request_id="a",
+                events=[
+                    p.GenerationEvent(text="a", token_ids=[1]),
+                    p.GenerationEvent(finish_reason="length", prompt_tokens=3, completion_tokens=2),
+                ],
+            ),
+            p.RequestEvents(
+                request_id="b", events=[p.GenerationEvent(finish_reason="error", error="boom")]
+            ),
         ]
     ),
-    p.EventBatch(events=[p.GenerationEvent(finish_reason="error", error="boom")]),
+    p.CancelledRequests(cancelled=["b"]),
     p.CancelStatus(cancelled=True),
     p.ClusterView(
         state="ready",

@@ -9,7 +9,7 @@ Flow (all internal routes need `Authorization: Bearer <cluster token>`):
   engine -> POST /internal/v1/workers/{worker_id}/loaded    LoadedReport -> Ack
   engine -> POST /internal/v1/workers/{worker_id}/metrics   MetricsReport -> Ack
   engine -> POST /internal/v1/work/next                     WorkPoll -> WorkBatch
-  engine -> POST /internal/v1/work/{request_id}/events      EventBatch -> CancelStatus
+  engine -> POST /internal/v1/work/events                   EventPosts -> CancelledRequests
   engine -> GET  /internal/v1/work/{request_id}/cancelled   -> CancelStatus
 
 Views (API key, when one is configured):
@@ -314,16 +314,30 @@ class WorkBatch(Message):
     cancelled: list[str] = []
 
 
-class EventBatch(Message):
-    """Events the engine has produced since its last post, oldest first."""
-
-    events: list[GenerationEvent]
-
-
 class CancelStatus(Message):
     """Whether the engine should stop this request: its client went away or cancelled."""
 
     cancelled: bool
+
+
+class RequestEvents(Part):
+    """One request's events in an EventPosts, oldest first."""
+
+    request_id: str
+    events: list[GenerationEvent]
+
+
+class EventPosts(Message):
+    """The events of every request that has some to send, in one post: the engine posts once
+    per flush, not once per request (at 8 streams, 8x fewer HTTP requests on both sides)."""
+
+    posts: list[RequestEvents]
+
+
+class CancelledRequests(Message):
+    """Which of the requests in an EventPosts the engine should stop."""
+
+    cancelled: list[str] = []
 
 
 # --- views served by GET /cluster ----------------------------------------------------------

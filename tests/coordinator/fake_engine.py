@@ -20,12 +20,13 @@ from shardcompute.http_client import http_client
 from shardcompute.protocol import (
     CLUSTER_TOKEN_ENV,
     Assignment,
-    CancelStatus,
-    EventBatch,
+    CancelledRequests,
+    EventPosts,
     GenerationEvent,
     GenerationRequest,
     LoadedReport,
     MetricsReport,
+    RequestEvents,
     WorkBatch,
     WorkerMetrics,
     WorkPoll,
@@ -66,18 +67,19 @@ def serve_one(http: httpx.Client, req: GenerationRequest, totals: WorkerMetrics)
             prompt_tokens=prompt_tokens,
             completion_tokens=i + 1,
         )
-        r = http.post(
-            f"/work/{req.request_id}/events", content=EventBatch(events=[event]).model_dump_json()
-        )
+        r = post_events(http, req.request_id, event)
         totals.tokens_processed += 1
         totals.steps += 1
-        if decode(CancelStatus, r.content).cancelled:
+        if req.request_id in decode(CancelledRequests, r.content).cancelled:
             return
     if n == 0:
         event = GenerationEvent(finish_reason="stop", prompt_tokens=prompt_tokens)
-        http.post(
-            f"/work/{req.request_id}/events", content=EventBatch(events=[event]).model_dump_json()
-        )
+        post_events(http, req.request_id, event)
+
+
+def post_events(http: httpx.Client, request_id: str, event: GenerationEvent) -> httpx.Response:
+    posts = EventPosts(posts=[RequestEvents(request_id=request_id, events=[event])])
+    return http.post("/work/events", content=posts.model_dump_json())
 
 
 def poll_forever(http: httpx.Client, a: Assignment) -> None:

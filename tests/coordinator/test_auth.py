@@ -31,7 +31,7 @@ INTERNAL_ROUTES = [
     ("POST", "/internal/v1/workers/w/loaded", {"generation": 1, "rank": 0}, 404),
     ("POST", "/internal/v1/workers/w/metrics", {"generation": 1, "metrics": {}}, 404),
     ("POST", "/internal/v1/work/next", POLL, 503),  # a generation this coordinator has not seen
-    ("POST", "/internal/v1/work/r/events", {"events": []}, 200),
+    ("POST", "/internal/v1/work/events", {"posts": []}, 200),
     ("GET", "/internal/v1/work/r/cancelled", None, 200),
 ]
 

@@ -8,8 +8,9 @@ from shardcompute.coordinator.auth import coordinator_of, require_cluster_token
 from shardcompute.coordinator.relay import ClientGone, until_disconnect
 from shardcompute.protocol import (
     Ack,
+    CancelledRequests,
     CancelStatus,
-    EventBatch,
+    EventPosts,
     FailureReport,
     Heartbeat,
     HeartbeatResponse,
@@ -76,10 +77,12 @@ async def next_work(body: WorkPoll, request: Request) -> WorkBatch:
     return WorkBatch(requests=[j.request for j in jobs], cancelled=queue.take_cancelled())
 
 
-@router.post("/work/{request_id}/events")
-async def post_events(request_id: str, body: EventBatch, request: Request) -> CancelStatus:
-    """The engine's new events; `cancelled` tells it to stop this request."""
-    return CancelStatus(cancelled=coordinator_of(request).queue.post(request_id, body.events))
+@router.post("/work/events")
+async def post_events(body: EventPosts, request: Request) -> CancelledRequests:
+    """The engine's new events for several requests; the ones it should stop."""
+    queue = coordinator_of(request).queue
+    stop = [p.request_id for p in body.posts if queue.post(p.request_id, p.events)]
+    return CancelledRequests(cancelled=stop)
 
 
 @router.get("/work/{request_id}/cancelled")

@@ -15,12 +15,13 @@ import httpx
 from shardcompute.http_client import http_client
 from shardcompute.protocol import (
     Assignment,
-    CancelStatus,
-    EventBatch,
+    CancelledRequests,
+    EventPosts,
     FailureReport,
     GenerationEvent,
     LoadedReport,
     MetricsReport,
+    RequestEvents,
     WorkBatch,
     WorkerMetrics,
     WorkPoll,
@@ -77,15 +78,15 @@ class QueueClient:
         )
         return decode(WorkBatch, self.post("/work/next", poll).content)
 
-    def events(self, request_id: str, events: list[GenerationEvent]) -> bool:
-        """Post events; True when the request should stop (cancelled, or undeliverable: a
-        coordinator that died took its client with it)."""
+    def post_events(self, posts: dict[str, list[GenerationEvent]]) -> set[str]:
+        """Post several requests' events at once; the ids that should stop (cancelled, or every
+        one of them when the post fails: a coordinator that died took its clients with it)."""
+        body = EventPosts(posts=[RequestEvents(request_id=r, events=e) for r, e in posts.items()])
         try:
-            r = self.post(f"/work/{request_id}/events", EventBatch(events=events))
-            return decode(CancelStatus, r.content).cancelled
+            return set(decode(CancelledRequests, self.post("/work/events", body).content).cancelled)
         except (httpx.HTTPError, GenerationOver, CoordinatorAway, ValueError) as e:
-            log.warning("posting events for %s failed: %s; stopping it", request_id, e)
-            return True
+            log.warning("posting events for %d requests failed: %s; stopping them", len(posts), e)
+            return set(posts)
 
     def metrics(self, metrics: WorkerMetrics) -> None:
         report = MetricsReport(generation=self.a.generation, metrics=metrics)

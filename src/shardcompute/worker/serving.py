@@ -208,9 +208,8 @@ class ServingIO:
             request = self.prepare(req)
         except Exception as e:  # a bad request fails alone; the engine keeps serving
             log.warning("request %s refused: %s", req.request_id, e)
-            self.client.events(
-                req.request_id, [GenerationEvent(finish_reason="error", error=str(e))]
-            )
+            error = GenerationEvent(finish_reason="error", error=str(e))
+            self.client.post_events({req.request_id: [error]})
             return
         stream = Stream(req, StreamingDetokenizer(self.prepare.tokenizer), len(request.prompt))
         with self._lock:
@@ -279,18 +278,26 @@ class ServingIO:
         )
 
     def _flush(self, due_only: bool) -> None:
+        """Post, in one request to the coordinator, every stream's batched events (with
+        `due_only`, those of streams whose last post is FLUSH_SECONDS old)."""
         now = self.clock()
         with self._lock:
             streams = list(self._streams.values())
-        for s in streams:
-            if s.batch and (not due_only or now - s.last_post >= FLUSH_SECONDS):
-                self._post(s)
+        self._post(
+            [s for s in streams if s.batch and (not due_only or now - s.last_post >= FLUSH_SECONDS)]
+        )
 
-    def _post(self, stream: Stream) -> None:
-        batch, stream.batch = merge(stream.batch), []
-        stream.last_post = self.clock()
-        if self.client.events(stream.req.request_id, batch) and not stream.done:
-            self.leader.abort(stream.req.request_id, "cancelled")  # its client went away
+    def _post(self, streams: list[Stream]) -> None:
+        if not streams:
+            return
+        posts = {}
+        for stream in streams:
+            posts[stream.req.request_id], stream.batch = merge(stream.batch), []
+            stream.last_post = self.clock()
+        stop = self.client.post_events(posts)
+        for stream in streams:
+            if stream.req.request_id in stop and not stream.done:
+                self.leader.abort(stream.req.request_id, "cancelled")  # its client went away
 
     def _post_final(self, stream: Stream, final: GenerationEvent | None) -> None:
         """Post what is batched and the last event, then forget the request."""
@@ -300,7 +307,7 @@ class ServingIO:
             }))  # fmt: skip
         stream.done = True
         if stream.batch:
-            self._post(stream)
+            self._post([stream])
         with self._lock:
             self._streams.pop(stream.req.request_id, None)
         self._row_freed.set()
