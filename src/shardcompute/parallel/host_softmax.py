@@ -4,8 +4,8 @@ A prompt chunk's attention exponentiates (chunk x positions seen) scores per hea
 of them over a 4000-token prompt of SmolLM2. MLX's CPU backend computes `exp` one element at
 a time on one thread, about 60-70M/s on x86; numpy's vectorized `exp` does 500M/s and more,
 and releases the GIL, so the rows can be split between this process's cores. So a chunk's
-scores are computed by MLX (a matmul), masked and softmaxed in float32 by numpy, and taken back
-into MLX for the product with the values. The result equals `mx.fast.scaled_dot_product_attention`
+scores are computed by MLX (a matmul), masked and softmaxed in place in float32 by numpy,
+through a view of the same memory, and multiplied with the values by MLX. The result equals `mx.fast.scaled_dot_product_attention`
 up to float32 rounding.
 
 Only eager passes use it (a prefill chunk runs op by op; the compiled decode step does not),
@@ -54,22 +54,23 @@ def chunk_attention(
     grouped = (q * scale).reshape(b, kv_heads, rep * length, dim)
     scores = grouped @ k.swapaxes(-1, -2)  # (B, Hkv, rep * L, T)
     mx.eval(scores, mask)
-    src = np.asarray(scores).reshape(b, kv_heads, rep, length, positions)
+    # A numpy view of the scores' own buffer (MLX shares memory with numpy views of evaluated
+    # arrays): they become the probabilities in place, and no copy goes either way. Nothing
+    # else holds this fresh array.
+    probs = np.asarray(scores).reshape(b, kv_heads, rep, length, positions)
     allowed = np.asarray(mask)
     # Columns every query may see need no masking: for a causal chunk, all but the last L.
     seen_by_all = allowed.all(axis=0)
     first_masked = positions if seen_by_all.all() else int(np.argmin(seen_by_all))
-    out = np.empty(src.shape, np.float32)
 
     def softmax_rows(l0: int, l1: int) -> None:
-        dst = out[:, :, :, l0:l1]
-        np.copyto(dst, src[:, :, :, l0:l1])
+        rows = probs[:, :, :, l0:l1]
         if first_masked < positions:
             hidden = ~allowed[l0:l1, first_masked:]
-            np.copyto(dst[..., first_masked:], -np.inf, where=hidden)
-        np.subtract(dst, dst.max(axis=-1, keepdims=True), out=dst)
-        np.exp(dst, out=dst)
-        np.divide(dst, dst.sum(axis=-1, keepdims=True), out=dst)
+            np.copyto(rows[..., first_masked:], -np.inf, where=hidden)
+        np.subtract(rows, rows.max(axis=-1, keepdims=True), out=rows)
+        np.exp(rows, out=rows)
+        np.divide(rows, rows.sum(axis=-1, keepdims=True), out=rows)
 
     bounds = np.linspace(0, length, min(threads, length) + 1).astype(int)
     parts = list(zip(bounds[:-1], bounds[1:], strict=True))
@@ -78,5 +79,4 @@ def chunk_attention(
     else:
         for done in [_pool(len(parts)).submit(softmax_rows, *p) for p in parts]:
             done.result()
-    probs = mx.array(out.reshape(b, kv_heads, rep * length, positions))
-    return (probs @ v).reshape(b, heads, length, dim)
+    return (scores @ v).reshape(b, heads, length, dim)
