@@ -5,8 +5,8 @@ of them over a 4000-token prompt of SmolLM2. MLX's CPU backend computes `exp` on
 a time on one thread, about 60-70M/s on x86; numpy's vectorized `exp` does 500M/s and more,
 and releases the GIL, so the rows can be split between this process's cores. So a chunk's
 scores are computed by MLX (a matmul), masked and softmaxed in place in float32 by numpy,
-through a view of the same memory, and multiplied with the values by MLX. The result equals `mx.fast.scaled_dot_product_attention`
-up to float32 rounding.
+through a view of the same memory, and multiplied with the values by MLX. The result equals
+`mx.fast.scaled_dot_product_attention` up to float32 rounding.
 
 Only eager passes use it (a prefill chunk runs op by op; the compiled decode step does not),
 only in float32, and only when the chunk's scores are many (MIN_SCORES): below that MLX's own
