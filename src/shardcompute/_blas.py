@@ -51,12 +51,17 @@ class BlasSetup:
     """What `preload_blas` put in place, for logs and benchmarks."""
 
     library: str  # the OpenBLAS doing the work
-    routed: bool  # single-row matmuls go to sgemv
+    routed: bool  # the routing library is in front of it: small_nt, sgemv, transposed sgemm
     handle: ctypes.CDLL | None = None
     threads: int = 1
 
     def describe(self) -> str:
-        how = "sgemv-routed" if self.routed else "sgemm only"
+        if not self.routed:
+            how = "sgemm only"
+        elif self.handle is not None and self.handle.gemv_route_openmp():
+            how = "small_nt + sgemv-routed"
+        else:  # the router built without OpenMP: small_nt runs on one thread
+            how = "small_nt on one thread + sgemv-routed"
         return f"{Path(self.library).name} ({how}, {self.threads} thread(s))"
 
     def set_threads(self, n: int, gemv_split_elems: int = 0) -> None:
