@@ -95,6 +95,30 @@ def test_internal_routes_need_the_cluster_token(coordinator, method, path, body,
     assert call(cluster, method, path, body, CLUSTER_TOKEN).status_code == ok
 
 
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"posts": [{"events": []}]}, "request_id"),
+        (
+            {"posts": [{"request_id": "r", "events": [{"completion_tokens": -1}]}]},
+            "completion_tokens",
+        ),
+        ({"posts": "all of them"}, "posts"),
+        ({"posts": [], "version": 99}, "version"),
+    ],
+)
+def test_a_bad_event_post_is_a_4xx_naming_the_field(coordinator, body, needle):
+    """Events for several requests in one post (the engine's EventPosts): a malformed one is
+    refused with the field named, and the coordinator goes on answering."""
+    cluster, _ = coordinator
+    answer = call(cluster, "POST", "/internal/v1/work/events", body, CLUSTER_TOKEN)
+    assert 400 <= answer.status_code < 500 and needle in answer.text, answer.text
+    # Events for requests it does not hold: every one of them is to stop.
+    posts = {"posts": [{"request_id": r, "events": [{"text": "x"}]} for r in ("gone", "lost")]}
+    answer = call(cluster, "POST", "/internal/v1/work/events", posts, CLUSTER_TOKEN)
+    assert answer.status_code == 200 and answer.json()["cancelled"] == ["gone", "lost"]
+
+
 @pytest.mark.parametrize("path, ok", [("/health", 200), ("/ready", 503)])
 def test_health_and_ready_stay_open(coordinator, path, ok):
     cluster, _ = coordinator
