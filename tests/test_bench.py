@@ -50,6 +50,21 @@ def test_bench_rows(tiny_hf_model, tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
+def _transposed(x: np.ndarray) -> mx.array:
+    """x as a transposed view (MLX passes those to BLAS as transposed; an array made from a
+    numpy transpose keeps its memory order, hence the copy)."""
+    return mx.array(np.ascontiguousarray(x.T)).T
+
+
+def _layouts(a: np.ndarray, b: np.ndarray) -> list[tuple[mx.array, mx.array]]:
+    """a @ b's operands: row-major, and each as a transposed view."""
+    return [
+        (mx.array(a), mx.array(b)),
+        (mx.array(a), _transposed(b)),
+        (_transposed(a), mx.array(b)),
+    ]
+
+
 @pytest.mark.skipif(not (_blas.loaded and _blas.loaded.routed), reason="no sgemv routing here")
 @pytest.mark.parametrize(
     "shape",
@@ -63,6 +78,8 @@ def test_bench_rows(tiny_hf_model, tmp_path):
         (16, 37, 13),  # small_nt's tails: k not a multiple of 8, n not of 4
         (7, 576, 1538),
         (17, 64, 200),  # one row too many for small_nt: the transposed route
+        (300, 200, 500),  # sgemm split between OpenMP's threads by columns of C
+        (500, 200, 300),  # ... and by rows
     ],
 )
 def test_routed_matmul_matches_numpy(shape):
@@ -76,18 +93,9 @@ def test_routed_matmul_matches_numpy(shape):
     bias = rng.standard_normal((m, n), np.float32)
     before = _blas.loaded.routed_calls()
 
-    # Row-major, and transposed views of each operand (MLX passes those as transposed; an
-    # array made from a numpy transpose keeps its memory order, hence the copies).
-    def transposed(x):
-        return mx.array(np.ascontiguousarray(x.T)).T
-
-    for x, y in [
-        (mx.array(a), mx.array(b)),
-        (mx.array(a), transposed(b)),
-        (transposed(a), mx.array(b)),
-    ]:
+    for x, y in _layouts(a, b):
         np.testing.assert_allclose(np.array(x @ y), a @ b, rtol=1e-4, atol=1e-4)
-    for y in (mx.array(b), transposed(b)):  # alpha and beta, in both layouts of b
+    for y in (mx.array(b), _transposed(b)):  # alpha and beta, in both layouts of b
         got = mx.addmm(mx.array(bias), mx.array(a), y, alpha=0.5, beta=2.0)
         np.testing.assert_allclose(np.array(got), 0.5 * a @ b + 2 * bias, rtol=1e-4, atol=1e-4)
     routed = _blas.loaded.routed_calls() - before
@@ -95,6 +103,35 @@ def test_routed_matmul_matches_numpy(shape):
         assert routed == 5  # every product
     else:  # only the two with b stored as rows, which small_nt takes
         assert routed == (2 if m <= 16 else 0)
+
+
+@pytest.mark.skipif(
+    not (_blas.loaded and _blas.loaded.handle and _blas.loaded.handle.gemv_route_pooled()),
+    reason="no OpenMP pool here",
+)
+@pytest.mark.parametrize("shape", [(300, 200, 500), (500, 200, 300), (20, 576, 3000)])
+def test_the_pool_computes_what_openblas_threads_compute(shape):
+    """A large product split between OpenMP's threads, blocks of C on OpenBLAS's single
+    thread, is OpenBLAS's own threaded product (within float32 rounding: its blocking may
+    differ), in every layout, with 2 threads whatever this machine has."""
+    m, k, n = shape
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    handle, threads = _blas.loaded.handle, _blas.loaded.threads
+    products = {}
+    try:
+        _blas.loaded.set_threads(2)
+        for pool in (1, 0):
+            handle.gemv_route_set_split(pool)
+            products[pool] = [np.array(x @ y) for x, y in _layouts(a, b)]
+    finally:
+        handle.gemv_route_set_split(1)
+        _blas.loaded.set_threads(threads)
+    for pooled, threaded in zip(products[1], products[0], strict=True):
+        # Rounding of a k-term float32 sum, in another order: a few ulps of the largest output.
+        scale = float(np.abs(threaded).max())
+        np.testing.assert_allclose(pooled, threaded, rtol=1e-5, atol=2e-6 * scale)
+        np.testing.assert_allclose(pooled, a @ b, rtol=1e-4, atol=1e-4)
 
 
 def test_mlx_lm_peer_gets_the_same_model(smollm2_gguf, tmp_path):

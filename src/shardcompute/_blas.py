@@ -58,6 +58,8 @@ class BlasSetup:
     def describe(self) -> str:
         if not self.routed:
             how = "sgemm only"
+        elif self.handle is not None and self.handle.gemv_route_pooled():
+            how = "small_nt + sgemv-routed, one OpenMP pool"
         elif self.handle is not None and self.handle.gemv_route_openmp():
             how = "small_nt + sgemv-routed"
         else:  # the router built without OpenMP: small_nt runs on one thread
@@ -205,4 +207,6 @@ def preload_blas() -> BlasSetup | None:
         env = os.environ.get
         threads = process_threads(int(env("SHARDCOMPUTE_LOCAL_RANKS") or 1))
         loaded.set_threads(threads, int(env("SHARDCOMPUTE_GEMV_SPLIT") or GEMV_SPLIT_DEFAULT))
+        if loaded.handle is not None and env("SHARDCOMPUTE_BLAS_POOL") == "openblas":
+            loaded.handle.gemv_route_set_split(0)  # OpenBLAS threads its own large products
     return loaded

@@ -45,12 +45,15 @@ def _nvidia_driver_present() -> bool:
 
 
 def prepare_process(device: Device | None = None):
-    """Set up a process that computes, before mlx.core is imported: on the CPU, the fast BLAS
-    (returns what `_blas.preload_blas` set up); elsewhere nothing (returns None)."""
+    """Set up a process that computes, before mlx.core is imported: on the CPU, MLX's kernels
+    built for this CPU (`_jit`) and the fast BLAS (returns what `_blas.preload_blas` set up);
+    elsewhere nothing (returns None)."""
     if (device or detect_device()) != "cpu":
         return None
     from shardcompute._blas import preload_blas
+    from shardcompute._jit import native_jit
 
+    native_jit()
     return preload_blas()
 
 

@@ -10,9 +10,11 @@
  * Other single-row or single-column products go to OpenBLAS's sgemv. A product of a few rows
  * in another layout (2 <= M <= skinny_m, N large) computes C^T = op(B)^T op(A)^T with sgemm into
  * a scratch buffer, a panel of columns at a time, and transposes it back (M x N floats, small).
- * Everything else goes to sgemm as it came. Loaded RTLD_GLOBAL before MLX, this library's
- * cblas_sgemm takes MLX's calls; the OpenBLAS behind it is named in gemv_route_init (its
- * symbols may carry a prefix, e.g. "scipy_").
+ * Everything else goes to sgemm as it came. With OpenMP, a large sgemm is split between
+ * OpenMP's threads, each running OpenBLAS on one thread (see split_sgemm): one pool of
+ * threads in the process, not two spinning beside each other. Loaded RTLD_GLOBAL before MLX,
+ * this library's cblas_sgemm takes MLX's calls; the OpenBLAS behind it is named in
+ * gemv_route_init (its symbols may carry a prefix, e.g. "scipy_").
  */
 #include <dlfcn.h>
 #include <stdio.h>
@@ -189,13 +191,60 @@ int gemv_route_openmp(void) {
 #endif
 }
 
+/* ---- one thread pool: a large product split between OpenMP's threads ---- */
+
+static int omp_split = 1; /* 0: OpenBLAS threads its own large products */
+
+/* Row-major C = alpha op(A) op(B) + beta C in blocks of C's columns (or of its rows, when C is
+ * taller than wide), which OpenMP's threads take as they come free, each running OpenBLAS on
+ * one thread. OpenBLAS's own threads would spin after every call beside OpenMP's, each pool
+ * holding the core the other needs next (a decode step alternates between them). */
+static void split_sgemm(int threads, int ta, int tb, int m, int n, int k, float alpha,
+                        const float *a, int lda, const float *b, int ldb, float beta, float *c,
+                        int ldc) {
+#ifdef _OPENMP
+  int by_cols = n >= m, extent = by_cols ? n : m;
+  int block = ((extent + 2 * threads - 1) / (2 * threads) + 15) & ~15;
+  int blocks = (extent + block - 1) / block;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int i = 0; i < blocks; i++) {
+    int s = i * block, w = extent - s < block ? extent - s : block;
+    if (by_cols)
+      real_sgemm(ROW_MAJOR, ta, tb, m, w, k, alpha, a, lda,
+                 tb == TRANS ? b + (long)s * ldb : b + s, ldb, beta, c + s, ldc);
+    else
+      real_sgemm(ROW_MAJOR, ta, tb, w, n, k, alpha, ta == TRANS ? a + s : a + (long)s * lda,
+                 lda, b, ldb, beta, c + (long)s * ldc, ldc);
+  }
+#else
+  (void)threads;
+  real_sgemm(ROW_MAJOR, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#endif
+}
+
+void gemv_route_set_split(int on) { omp_split = on; }
+
+int gemv_route_pooled(void) { return omp_split && gemv_route_openmp(); }
+
+/* Row-major sgemm on `threads` threads: OpenMP's, or OpenBLAS's when not pooled. */
+static void row_sgemm(int threads, int ta, int tb, int m, int n, int k, float alpha,
+                      const float *a, int lda, const float *b, int ldb, float beta, float *c,
+                      int ldc) {
+  if (threads > 1 && gemv_route_pooled()) {
+    split_sgemm(threads, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    use_threads(gemv_route_pooled() ? 1 : threads);
+    real_sgemm(ROW_MAJOR, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
 static int flip(int trans) { return trans == TRANS ? NO_TRANS : TRANS; }
 
 /* Row-major C[m,n] = alpha op(A) op(B) + beta C for a few rows m: computed as
  * T[w,m] = op(B)^T op(A)^T, a panel of w columns at a time (so a large B, an LM head, is taken
  * in cache-sized pieces), then C = T^T + beta C. 0 on success, -1 without memory. */
-static int skinny(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
-                  const float *b, int ldb, float beta, float *c, int ldc) {
+static int skinny(int threads, int ta, int tb, int m, int n, int k, float alpha, const float *a,
+                  int lda, const float *b, int ldb, float beta, float *c, int ldc) {
   long width = skinny_max_elems / (k > 0 ? k : 1);
   if (width > n) width = n;
   if (width < 1) width = 1;
@@ -204,7 +253,7 @@ static int skinny(int ta, int tb, int m, int n, int k, float alpha, const float 
   for (long j0 = 0; j0 < n; j0 += width) {
     int w = (int)(n - j0 < width ? n - j0 : width);
     const float *panel = tb == TRANS ? b + j0 * ldb : b + j0; /* op(B)'s columns j0.. */
-    real_sgemm(ROW_MAJOR, flip(tb), flip(ta), w, m, k, alpha, panel, ldb, a, lda, 0.0f, t, m);
+    row_sgemm(threads, flip(tb), flip(ta), w, m, k, alpha, panel, ldb, a, lda, 0.0f, t, m);
     for (int i = 0; i < m; i++) {
       float *row = c + (long)i * ldc + j0;
       if (beta == 0.0f)
@@ -235,7 +284,7 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
   }
   /* Small products (a decode step's attention: a few rows against one row's keys) run on
    * one thread: waking the others costs more than the product. */
-  use_threads(threads);
+  use_threads(gemv_route_pooled() ? 1 : threads);
   if (order == ROW_MAJOR && m == 1) {
     /* c[1,n] = a[1,k] op(b): a gemv over b, whose stored rows are n long if b is transposed. */
     int inc_a = trans_a == NO_TRANS ? 1 : lda;
@@ -253,9 +302,11 @@ void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float
       real_sgemv(ROW_MAJOR, TRANS, k, m, alpha, a, lda, b, inc_b, beta, c, ldc);
     routed_calls++;
   } else if (order == ROW_MAJOR && m <= skinny_m && n > 4 * skinny_m &&
-             skinny(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0) {
+             skinny(threads, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0) {
     routed_calls++;
-  } else {
-    real_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else if (order == ROW_MAJOR) {
+    row_sgemm(threads, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else { /* column-major C is row-major C^T = op(B)^T op(A)^T */
+    row_sgemm(threads, trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
   }
 }
