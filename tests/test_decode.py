@@ -87,6 +87,33 @@ def test_a_batch_of_rows_each_at_its_own_position(compiled):
     assert cache.rows == 4  # rows come in powers of two; row 1 sat idle
 
 
+@pytest.mark.parametrize("host_softmax", [0, 2])
+def test_packed_chunks_of_several_rows_in_one_pass(host_softmax):
+    """Chunks of three rows at different depths (one starting, two part-way, one long enough
+    for the numpy softmax) in one pass: each chunk's hidden states equal its row's sequence
+    alone, and the cache holds what separate prefills would have stored, so the rows then
+    decode together to their own sequences' states."""
+    model = random_model(host_softmax=host_softmax)
+    rng = np.random.default_rng(4)
+    seqs = {0: 600, 1: 9, 3: 150}
+    seqs = {slot: rng.integers(0, ARGS.vocab_size, n).tolist() for slot, n in seqs.items()}
+    cache = model.make_cache()
+    model.prefill(mx.array([seqs[0][:330]]), cache, 0)  # rows 0 and 3 part-way already
+    model.prefill(mx.array([seqs[3][:20]]), cache, 3)
+    done = {0: 330, 1: 0, 3: 20}
+    chunks = [(slot, ids[done[slot] :]) for slot, ids in seqs.items()]
+    hs = model.prefill_packed(chunks, cache)
+    assert cache.lengths == {slot: len(ids) for slot, ids in seqs.items()}
+    for (slot, chunk), h in zip(chunks, hs, strict=True):
+        want = model.hidden(mx.array([seqs[slot]]))[:, -len(chunk) :]
+        assert h.shape == want.shape and close(h, want), slot
+    h = model.decode({slot: 7 for slot in seqs}, cache)
+    for i, ids in enumerate(seqs.values()):
+        assert close(h[i : i + 1], model.hidden(mx.array([ids + [7]]))[:, -1:]), i
+    with pytest.raises(ValueError, match="one chunk per row"):
+        model.prefill_packed([(1, [1, 2]), (1, [3])], cache)
+
+
 def test_long_prefill_chunks_with_the_softmax_in_numpy():
     """Chunks deep enough in a prompt take parallel/host_softmax.py: the same hidden states as
     the uncached forward (MLX's own attention) over the whole prompt."""

@@ -52,13 +52,20 @@ class Runner:
             h = self.model.decode({s: self.last[s] for s in plan.decode}, self.cache)
             chosen = self.chooser(h, [self.rows[s] for s in plan.decode])
             self._chose(dict(zip(plan.decode, chosen.tolist(), strict=True)), tokens, on_tokens)
-        for chunk in changes.prefill:
-            h = self.model.prefill(mx.array([chunk.tokens], mx.int32), self.cache, chunk.slot)
-            if chunk.last:
-                first = self.chooser(h[:, -1:], [self.rows[chunk.slot]]).item()
-                self._chose({chunk.slot: first}, tokens, on_tokens)
+        if changes.prefill:  # every chunk in one pass; the prompts that end get a first token
+            chunks = [(c.slot, c.tokens) for c in changes.prefill]
+            hs = self.model.prefill_packed(chunks, self.cache)
+            ending = [
+                (c.slot, h[:, -1:]) for c, h in zip(changes.prefill, hs, strict=True) if c.last
+            ]
+            if ending:
+                last = mx.concatenate([h for _, h in ending], axis=0)
+                first = self.chooser(last, [self.rows[slot] for slot, _ in ending]).tolist()
+                self._chose(
+                    dict(zip([s for s, _ in ending], first, strict=True)), tokens, on_tokens
+                )
             else:
-                mx.eval(h)  # a chunk's cost stays in its own step
+                mx.eval(hs)  # a chunk's cost stays in its own step
         return tokens
 
     def _chose(self, chosen: dict[int, int], tokens: dict[int, int], on_tokens) -> None:

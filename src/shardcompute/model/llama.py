@@ -30,7 +30,7 @@ from shardcompute.model_spec import ModelArgs
 from shardcompute.parallel.attention import ParallelAttention
 from shardcompute.parallel.embedding import HiddenParallelEmbedding
 from shardcompute.parallel.kernels import Kernels
-from shardcompute.parallel.kv import LayerKV, Positions
+from shardcompute.parallel.kv import LayerKV, Packed, Positions
 from shardcompute.parallel.linear import VocabParallelLMHead
 from shardcompute.parallel.mlp import ParallelMLP
 from shardcompute.parallel.plan import PartitionPlan
@@ -70,7 +70,7 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = rms_norm(args, dtype)
         self.post_attention_layernorm = rms_norm(args, dtype)
 
-    def __call__(self, x: mx.array, kv: LayerKV | None, pos: Positions) -> mx.array:
+    def __call__(self, x: mx.array, kv: LayerKV | None, pos: Positions | Packed) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), kv, pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -112,14 +112,20 @@ class LlamaBody(nn.Module):
         self.rope = RoPE(args, dtype, kernels.fused_rope)
 
     def __call__(
-        self, ids: mx.array, kv: list[LayerKV] | None = None, pos: Positions | None = None
+        self, ids: mx.array, kv: list[LayerKV] | None = None, pos: Positions | Packed | None = None
     ) -> mx.array:
         pos = pos or Positions.uncached(ids.shape[1])
-        pos = replace(pos, rotate=self.rope.rotation(pos.offset, ids.shape[1]))
+        if isinstance(pos, Packed):
+            pos = Packed([(s, e, self._rotated(p, e - s)) for s, e, p in pos.parts])
+        else:
+            pos = self._rotated(pos, ids.shape[1])
         h = self.embed_tokens(ids)  # (B, L, hidden)
         for i, layer in enumerate(self.layers):
             h = layer(h, kv[i] if kv else None, pos)
         return self.norm(h)
+
+    def _rotated(self, pos: Positions, length: int) -> Positions:
+        return replace(pos, rotate=self.rope.rotation(pos.offset, length))
 
 
 class Model(nn.Module):
@@ -171,6 +177,28 @@ class Model(nn.Module):
         h = self.model(ids, cache.layers, Positions.chunk(slot, offset, length))
         cache.lengths[slot] = offset + length
         return h
+
+    def prefill_packed(
+        self, chunks: list[tuple[int, list[int]]], cache: BatchKVCache
+    ) -> list[mx.array]:
+        """Several rows' next chunks, [(slot, tokens)], in one pass op by op: the projections
+        and the MLP over all their tokens at once (one read of the weights instead of one per
+        chunk), attention per row as in `prefill` -> each chunk's (1, L, hidden)."""
+        if len({slot for slot, _ in chunks}) != len(chunks):
+            raise ValueError("prefill_packed: one chunk per row")
+        offsets = {slot: cache.lengths.get(slot, 0) for slot, _ in chunks}
+        cache.reserve({slot: offsets[slot] + len(tokens) for slot, tokens in chunks})
+        parts, start = [], 0
+        for slot, tokens in chunks:
+            parts.append(
+                (start, start + len(tokens), Positions.chunk(slot, offsets[slot], len(tokens)))
+            )
+            start += len(tokens)
+        ids = mx.array([[t for _, tokens in chunks for t in tokens]], mx.int32)
+        h = self.model(ids, cache.layers, Packed(parts))
+        for slot, tokens in chunks:
+            cache.lengths[slot] = offsets[slot] + len(tokens)
+        return [h[:, s:e] for s, e, _ in parts]
 
     def decode(self, tokens: dict[int, int], cache: BatchKVCache) -> mx.array:
         """One token for each of some rows ({slot: token}) -> (len, 1, hidden), in slot order

@@ -9,7 +9,7 @@ from shardcompute.collectives.group import Collectives
 from shardcompute.dtypes import QuantSpec
 from shardcompute.model_spec import ModelArgs
 from shardcompute.parallel.host_softmax import chunk_attention, worth_it
-from shardcompute.parallel.kv import LayerKV, Positions
+from shardcompute.parallel.kv import LayerKV, Packed, Positions
 from shardcompute.parallel.linear import ColumnParallelLinear, RowParallelLinear, fuse_columns
 from shardcompute.parallel.plan import RankSlices
 
@@ -56,8 +56,19 @@ class ParallelAttention(nn.Module):
         q, k, v = mx.split(self.qkv_proj(x), [q_cols, q_cols + kv_cols], axis=-1)
         return q, k, v
 
-    def __call__(self, x: mx.array, kv: LayerKV | None, pos: Positions) -> mx.array:
+    def __call__(self, x: mx.array, kv: LayerKV | None, pos: Positions | Packed) -> mx.array:
         q, k, v = self._project(x)
+        if isinstance(pos, Packed):  # each chunk attends within its own row
+            parts = [(q[:, s:e], k[:, s:e], v[:, s:e], kv, p) for s, e, p in pos.parts]
+            o = mx.concatenate([self._attend(*part) for part in parts], axis=1)
+        else:
+            o = self._attend(q, k, v, kv, pos)
+        return self.o_proj(o)
+
+    def _attend(
+        self, q: mx.array, k: mx.array, v: mx.array, kv: LayerKV | None, pos: Positions
+    ) -> mx.array:
+        """Projections (B, L, cols) -> the attention output (B, L, heads * head_dim)."""
         q = pos.rotate(split_heads(q, self.local_num_heads))  # (B, heads, L, head_dim)
         k = pos.rotate(split_heads(k, self.local_num_kv_heads))
         v = split_heads(v, self.local_num_kv_heads)
@@ -67,7 +78,7 @@ class ParallelAttention(nn.Module):
             o = chunk_attention(q, k, v, self.scale, pos.mask, self.host_softmax_threads)
         else:
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
-        return self.o_proj(merge_heads(o))
+        return merge_heads(o)
 
 
 def split_heads(x: mx.array, heads: int) -> mx.array:

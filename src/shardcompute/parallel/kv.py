@@ -1,7 +1,7 @@
 """What attention needs to know about one forward pass: where its tokens sit, how their keys
 and values go into the cache, and what each query may see.
 
-Three kinds of pass, one `Positions` each:
+Three kinds of pass, one `Positions` each (several prefill chunks may share a pass: `Packed`):
 - uncached: a whole sequence, causal, nothing stored (references and tests);
 - a prefill chunk of one row: written into that row's buffers at its offset with a slice
   update, and attention reads only the row's used positions, not the whole buffer;
@@ -62,6 +62,16 @@ class Positions:
         kv_layout.attention_window), the rest of the buffers being masked anyway."""
         mask = (mx.arange(window)[None] <= offsets[:, None])[:, None, None, :]  # (B,1,1,window)
         return cls(offsets, mask, lambda kv, k, v: _write_rows(kv, k, v, offsets, window))
+
+
+@dataclass
+class Packed:
+    """Prefill chunks of several rows packed along the sequence axis of one pass (1, T): the
+    projections and the MLP run once over all their tokens (one read of the weights), attention
+    runs per chunk with its own positions, cache write and mask. Part (start, end, positions)
+    holds tokens start..end of the pass."""
+
+    parts: list[tuple[int, int, Positions]]
 
 
 def _write_chunk(kv: LayerKV, k: mx.array, v: mx.array, row: int, offset: int):
