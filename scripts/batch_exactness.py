@@ -1,6 +1,8 @@
 """What batching does to exactness: one row's logits decoded alone against the same row decoded
 beside others (batches of 2, 4 and 8 rows of different prompts and lengths), as
 max |diff| / logit range over a few decode steps, and whether the greedy token ever differs.
+The batch's prompts are prefilled one row at a time, and packed into one pass as the engine
+does when they arrive together (`Model.prefill_packed`).
 
     python scripts/batch_exactness.py [--model smollm2-135m] [--dtype float32] [--steps 16]
 """
@@ -20,15 +22,18 @@ import numpy as np
 from shardcompute.model.loader import load_model
 
 
-def logits_of(model, prompts: list[list[int]], steps: int) -> list[np.ndarray]:
-    """Row 0's logits at each decode step, with every prompt as a row of the batch; every
-    row is fed its own greedy token, so row 0 sees exactly what it would alone."""
+def logits_of(model, prompts: list[list[int]], steps: int, packed: bool) -> list[np.ndarray]:
+    """Row 0's logits after its prompt and at each decode step, with every prompt as a row of
+    the batch; every row is fed its own greedy token, so row 0 sees exactly what it would
+    alone."""
     cache = model.make_cache()
-    last = {}
-    for slot, ids in enumerate(prompts):
-        h = model.prefill(mx.array([ids]), cache, slot)
-        last[slot] = int(model.lm_head(h[:, -1:]).argmax(-1).item())
-    out = []
+    if packed:
+        hs = model.prefill_packed(list(enumerate(prompts)), cache)
+    else:
+        hs = [model.prefill(mx.array([ids]), cache, slot) for slot, ids in enumerate(prompts)]
+    first = [model.lm_head(h[:, -1:])[0, -1].astype(mx.float32) for h in hs]
+    last = {slot: int(f.argmax().item()) for slot, f in enumerate(first)}
+    out = [np.array(first[0])]
     for _ in range(steps):
         h = model.decode(dict(last), cache)
         logits = model.lm_head(h)[:, -1].astype(mx.float32)  # (rows, vocab)
@@ -47,15 +52,16 @@ def main() -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.args.vocab_size, n).tolist() for n in (40, 7, 300, 90)]
     prompts += [rng.integers(0, model.args.vocab_size, n).tolist() for n in (12, 150, 64, 5)]
-    alone = logits_of(model, prompts[:1], a.steps)
+    alone = logits_of(model, prompts[:1], a.steps, packed=False)
     rows = []
-    for batch in (2, 4, 8):
-        together = logits_of(model, prompts[:batch], a.steps)
+    for batch, packed in [(b, p) for p in (False, True) for b in (2, 4, 8)]:
+        together = logits_of(model, prompts[:batch], a.steps, packed)
         diff = max(
             np.abs(x - y).max() / (y.max() - y.min()) for x, y in zip(together, alone, strict=True)
         )
         flips = sum(int(x.argmax() != y.argmax()) for x, y in zip(together, alone, strict=True))
-        row = {"batch": batch, "max_logit_diff_of_range": float(diff), "argmax_flips": flips}
+        row = {"batch": batch, "prefill": "packed" if packed else "by row"}
+        row |= {"max_logit_diff_of_range": float(diff), "argmax_flips": flips}
         rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
     return 0

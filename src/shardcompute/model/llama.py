@@ -8,9 +8,10 @@ So a forward pass makes 2 * num_hidden_layers + 2 collectives.
 Every tensor is in the compute dtype `dtype` (see dtypes.py): activations, the KV cache, the
 RoPE tables, norm weights, quantization scales and biases, and so every collective payload.
 
-Requests run as rows of a batch (model/cache.py): a prefill chunk of one row runs op by op; a
-decode step of every row runs as one `mx.compile`d graph whose shapes depend only on the
-cache's (rows, capacity), so its trace is reused at every position (see parallel/kv.py).
+Requests run as rows of a batch (model/cache.py): a step's prefill chunks (one row's, or
+several rows' packed into one pass) run op by op; a decode step of every row runs as one
+`mx.compile`d graph whose shapes depend only on the cache's (rows, capacity), so its trace is
+reused at every position (see parallel/kv.py).
 Which kernels run (fused RoPE, compiled decode) is decided by device in parallel/kernels.py.
 """
 
