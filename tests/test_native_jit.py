@@ -61,6 +61,15 @@ def test_off_and_inherited(monkeypatch, tmp_path):
     assert _jit.native_jit() == tmp_path and os.environ["PATH"] == path
 
 
+def test_an_unwritable_cache_leaves_mlx_alone(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SHARDCOMPUTE_CACHE", str(tmp_path / "file" / "cache"))
+    monkeypatch.delenv(_jit.DIR_ENV, raising=False)
+    monkeypatch.delenv(_jit.ENV, raising=False)
+    path = os.environ["PATH"]
+    assert _jit.native_jit() is None and os.environ["PATH"] == path
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU JIT's Linux build")
 def test_native_kernels_compute_the_same_bits(tiny_hf_model, tmp_path):
     """Prefill and batched decode logits are bitwise those of MLX's own build, and the native

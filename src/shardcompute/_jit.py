@@ -61,7 +61,7 @@ def write_wrapper(compiler: str, bin_dir: Path) -> Path | None:
 def native_jit() -> Path | None:
     """Build MLX's CPU kernels for this CPU in this process (see the module docstring).
     Call before MLX compiles anything; returns the kernel directory, or None when off or
-    not possible (not Linux, no g++, or g++ refuses the flags)."""
+    not possible (not Linux, no g++, g++ refuses the flags, or the cache is not writable)."""
     if not sys.platform.startswith("linux") or os.environ.get(ENV) == "0":
         return None
     if os.environ.get(DIR_ENV):  # set up already (a child of a process that did)
@@ -70,10 +70,13 @@ def native_jit() -> Path | None:
     if compiler is None:
         return None
     root = jit_dir(os.path.realpath(compiler))
-    if write_wrapper(compiler, root / "bin") is None:
+    try:
+        if write_wrapper(compiler, root / "bin") is None:
+            return None
+        kernels = root / "tmp"
+        kernels.mkdir(exist_ok=True)
+    except OSError:  # an unwritable cache: MLX's own build it is
         return None
-    kernels = root / "tmp"
-    kernels.mkdir(exist_ok=True)
     os.environ["PATH"] = f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ["TMPDIR"] = os.environ[DIR_ENV] = str(kernels)
     tempfile.tempdir = None  # Python's own temporary files follow TMPDIR too

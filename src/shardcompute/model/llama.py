@@ -196,7 +196,8 @@ class Model(nn.Module):
             )
             start += len(tokens)
         ids = mx.array([[t for _, tokens in chunks for t in tokens]], mx.int32)
-        h = self.model(ids, cache.layers, Packed(parts))
+        pos = parts[0][2] if len(parts) == 1 else Packed(parts)  # alone: `prefill`'s own pass
+        h = self.model(ids, cache.layers, pos)
         for slot, tokens in chunks:
             cache.lengths[slot] = offsets[slot] + len(tokens)
         return [h[:, s:e] for s, e, _ in parts]
