@@ -28,6 +28,7 @@ Nothing here imports MLX.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -111,6 +112,7 @@ BUILD_FLAGS = (
 )
 
 
+@functools.cache  # read once per process: the router's cache key and the JIT's both use it
 def _cpu_signature() -> str:
     """What `-march=native` builds for: the CPU's model and feature flags."""
     try:

@@ -187,6 +187,9 @@ class Model(nn.Module):
         chunk), attention per row as in `prefill` -> each chunk's (1, L, hidden)."""
         if len({slot for slot, _ in chunks}) != len(chunks):
             raise ValueError("prefill_packed: one chunk per row")
+        if len(chunks) == 1:  # one row: `prefill`'s own pass
+            slot, tokens = chunks[0]
+            return [self.prefill(mx.array([tokens], mx.int32), cache, slot)]
         offsets = {slot: cache.lengths.get(slot, 0) for slot, _ in chunks}
         cache.reserve({slot: offsets[slot] + len(tokens) for slot, tokens in chunks})
         parts, start = [], 0
@@ -196,8 +199,7 @@ class Model(nn.Module):
             )
             start += len(tokens)
         ids = mx.array([[t for _, tokens in chunks for t in tokens]], mx.int32)
-        pos = parts[0][2] if len(parts) == 1 else Packed(parts)  # alone: `prefill`'s own pass
-        h = self.model(ids, cache.layers, pos)
+        h = self.model(ids, cache.layers, Packed(parts))
         for slot, tokens in chunks:
             cache.lengths[slot] = offsets[slot] + len(tokens)
         return [h[:, s:e] for s, e, _ in parts]
