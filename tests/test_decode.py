@@ -25,11 +25,11 @@ ARGS = ModelArgs(
 
 
 def random_model(
-    seed: int = 0, quant: dict | None = None, compiled: bool = True, host_softmax: int = 0
+    seed: int = 0, quant: dict | None = None, compiled: bool = True, host_attention: int = 0
 ) -> Model:
     mx.random.seed(seed)
     kernels = Kernels.for_device()
-    kernels = Kernels(kernels.fused_rope, compiled, host_softmax)
+    kernels = Kernels(kernels.fused_rope, compiled, host_attention)
     model = Model(ARGS, make_plan(ARGS, 1), mx.float32, kernels=kernels)
     model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.2, model.parameters()))
     if quant:
@@ -87,13 +87,13 @@ def test_a_batch_of_rows_each_at_its_own_position(compiled):
     assert cache.rows == 4  # rows come in powers of two; row 1 sat idle
 
 
-@pytest.mark.parametrize("host_softmax", [0, 2])
-def test_packed_chunks_of_several_rows_in_one_pass(host_softmax):
+@pytest.mark.parametrize("host_attention", [0, 2])
+def test_packed_chunks_of_several_rows_in_one_pass(host_attention):
     """Chunks of three rows at different depths (one starting, two part-way, one long enough
-    for the numpy softmax) in one pass: each chunk's hidden states equal its row's sequence
+    for the tiled attention kernel) in one pass: each chunk's hidden states equal its row's sequence
     alone, and the cache holds what separate prefills would have stored, so the rows then
     decode together to their own sequences' states."""
-    model = random_model(host_softmax=host_softmax)
+    model = random_model(host_attention=host_attention)
     rng = np.random.default_rng(4)
     seqs = {0: 600, 1: 9, 3: 150}
     seqs = {slot: rng.integers(0, ARGS.vocab_size, n).tolist() for slot, n in seqs.items()}
@@ -114,10 +114,10 @@ def test_packed_chunks_of_several_rows_in_one_pass(host_softmax):
         model.prefill_packed([(1, [1, 2]), (1, [3])], cache)
 
 
-def test_long_prefill_chunks_with_the_softmax_in_numpy():
-    """Chunks deep enough in a prompt take parallel/host_softmax.py: the same hidden states as
-    the uncached forward (MLX's own attention) over the whole prompt."""
-    model = random_model(host_softmax=2)
+def test_long_prefill_chunks_in_the_tiled_attention_kernel():
+    """Chunks of a prompt take parallel/host_attention.py: the same hidden states as the
+    uncached forward (MLX's own attention) over the whole prompt."""
+    model = random_model(host_attention=2)
     ids = np.random.default_rng(3).integers(0, ARGS.vocab_size, 520).tolist()
     want = model.hidden(mx.array([ids]))
     cache = model.make_cache()

@@ -11,6 +11,8 @@ symbol table, and the wheel bundles a slow reference BLAS. Two levers, in order 
    2-3x faster there than `sgemm`, and all else to `sgemm`. The OpenBLAS behind it is the
    `scipy-openblas32` wheel when installed (a recent release, prefixed symbols), else the
    system's.
+   The same library carries the tiled prefill attention kernel (`csrc/attention.c`, used by
+   parallel/host_attention.py), which runs OpenBLAS on its OpenMP threads the same way.
 2. Without a C compiler: the system OpenBLAS (`libopenblas0-pthread`) loaded RTLD_GLOBAL.
 
 `SHARDCOMPUTE_OPENBLAS=0` skips both; `SHARDCOMPUTE_GEMV_ROUTE=0` skips the router only.
@@ -44,7 +46,7 @@ SYSTEM_OPENBLAS = (
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "libopenblas.so.0",
 )
-ROUTE_SOURCE = Path(__file__).parent / "csrc" / "gemv_route.c"
+ROUTE_SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("gemv_route.c", "attention.c"))
 
 
 @dataclass
@@ -127,7 +129,7 @@ def _cpu_signature() -> str:
 def build_router() -> Path | None:
     """Compile the routing library once per source version and CPU; None without a C
     compiler."""
-    source = ROUTE_SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in ROUTE_SOURCES)
     key = hashlib.sha256(source + _cpu_signature().encode()).hexdigest()[:12]
     target = _cache_dir() / f"gemv_route-{key}.so"
     if target.exists():
@@ -141,14 +143,15 @@ def build_router() -> Path | None:
         partial = Path(tmp.name)
     errors = []
     for flags in BUILD_FLAGS:
-        cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(partial), str(ROUTE_SOURCE), "-ldl"]
+        sources = [str(path) for path in ROUTE_SOURCES]
+        cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(partial), *sources, "-ldl", "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0:
             partial.replace(target)
             return target
         errors.append(f"{' '.join(flags)}: {done.stderr.strip()}")
     partial.unlink(missing_ok=True)
-    print(f"shardcompute: could not build {ROUTE_SOURCE.name}: {errors}", file=sys.stderr)
+    print(f"shardcompute: could not build the routing library: {errors}", file=sys.stderr)
     return None
 
 

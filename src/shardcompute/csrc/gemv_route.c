@@ -238,6 +238,14 @@ static void row_sgemm(int threads, int ta, int tb, int m, int n, int k, float al
   }
 }
 
+/* For attention.c: OpenBLAS's row-major sgemm on the calling thread (an OpenMP task's). */
+void route_sgemm_serial(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
+                        const float *b, int ldb, float beta, float *c, int ldc) {
+  real_sgemm(ROW_MAJOR, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void route_blas_single_thread(void) { use_threads(1); }
+
 static int flip(int trans) { return trans == TRANS ? NO_TRANS : TRANS; }
 
 /* Row-major C[m,n] = alpha op(A) op(B) + beta C for a few rows m: computed as

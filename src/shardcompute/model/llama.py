@@ -65,7 +65,7 @@ class TransformerBlock(nn.Module):
         }
         mlp_q = {n: quant.get(f"{prefix}.mlp.{n}") for n in ("gate_proj", "up_proj", "down_proj")}
         self.self_attn = ParallelAttention(
-            args, slices, comm, attn_q, dtype, kernels.host_softmax_threads
+            args, slices, comm, attn_q, dtype, kernels.host_attention_threads
         )
         self.mlp = ParallelMLP(args, slices, comm, mlp_q, dtype)
         self.input_layernorm = rms_norm(args, dtype)

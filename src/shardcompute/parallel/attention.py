@@ -8,7 +8,7 @@ import mlx.nn as nn
 from shardcompute.collectives.group import Collectives
 from shardcompute.dtypes import QuantSpec
 from shardcompute.model_spec import ModelArgs
-from shardcompute.parallel.host_softmax import chunk_attention, worth_it
+from shardcompute.parallel.host_attention import chunk_attention, worth_it
 from shardcompute.parallel.kv import LayerKV, Packed, Positions
 from shardcompute.parallel.linear import ColumnParallelLinear, RowParallelLinear, fuse_columns
 from shardcompute.parallel.plan import RankSlices
@@ -24,10 +24,10 @@ class ParallelAttention(nn.Module):
         comm: Collectives,
         quant: dict[str, QuantSpec | None],
         dtype: mx.Dtype,
-        host_softmax_threads: int = 0,
+        host_attention_threads: int = 0,
     ):
         super().__init__()
-        self.host_softmax_threads = host_softmax_threads  # see parallel/kernels.py
+        self.host_attention_threads = host_attention_threads  # see parallel/kernels.py
         hd = args.head_dim
         self.head_dim = hd
         self.local_num_heads = slices.local_num_heads
@@ -72,12 +72,13 @@ class ParallelAttention(nn.Module):
         q = pos.rotate(split_heads(q, self.local_num_heads))  # (B, heads, L, head_dim)
         k = pos.rotate(split_heads(k, self.local_num_kv_heads))
         v = split_heads(v, self.local_num_kv_heads)
-        if kv is not None:
-            k, v = pos.write(kv, k, v)  # (B, local_kv_heads, positions seen, head_dim)
-        if self.host_softmax_threads and worth_it(q, k, pos.mask):
-            o = chunk_attention(q, k, v, self.scale, pos.mask, self.host_softmax_threads)
-        else:
+        if kv is None:  # the uncached reference pass stays on MLX
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
+            return merge_heads(o)
+        k, v = pos.write(kv, k, v)  # (B, local_kv_heads, positions seen, head_dim)
+        if self.host_attention_threads and isinstance(pos.offset, int) and worth_it(q, k):
+            return chunk_attention(q, k, v, self.scale, pos.offset, self.host_attention_threads)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
         return merge_heads(o)
 
 

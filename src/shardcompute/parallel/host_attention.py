@@ -1,0 +1,80 @@
+"""A prefill chunk's attention on the CPU, in the routing library's tiled kernel.
+
+MLX's CPU attention writes a chunk's whole score matrix per head, exponentiates it one element
+at a time on one thread (60-70M/s on x86), and reads it again for the values: over a 4000-token
+prompt of SmolLM2 that is 2.2 billion scores. `csrc/attention.c` walks the keys in tiles that
+stay in cache instead, with a vectorized exp and the online softmax of FlashAttention, on the
+process's OpenMP threads (the pool that runs its projections). The result equals
+`mx.fast.scaled_dot_product_attention` up to float32 rounding.
+
+Only cached prefill chunks take it (query i at offset + i sees positions 0 .. offset + i), in
+float32, with at least MIN_SCORES scores: decode runs as one compiled graph, and the uncached
+pass stays on MLX as the reference the tests compare with. Chosen by device in
+parallel/kernels.py; it needs the routing library (a C compiler, Linux).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import mlx.core as mx
+import numpy as np
+
+from shardcompute import _blas
+
+MIN_SCORES = 1 << 14  # scores per chunk below which MLX's own attention costs as little
+
+_LONGS = ctypes.c_long * 3
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The loaded routing library, if it has the attention kernel."""
+    handle = _blas.loaded.handle if _blas.loaded else None
+    if handle is None or not hasattr(handle, "attention_prefill"):
+        return None
+    strided = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)]
+    handle.attention_prefill.argtypes = (
+        [ctypes.c_int] * 8 + [ctypes.c_float] + strided * 3 + [ctypes.c_void_p]
+    )
+    return handle
+
+
+def worth_it(q: mx.array, k: mx.array) -> bool:
+    """Whether a chunk's attention should take the kernel: float32, several queries, and
+    enough scores to pay for leaving the graph."""
+    _, heads, length, _ = q.shape
+    return length > 1 and q.dtype == mx.float32 and heads * length * k.shape[2] >= MIN_SCORES
+
+
+def _rows(x: mx.array) -> tuple[np.ndarray, _LONGS]:
+    """A numpy view of an evaluated (B, H, T, D) array, and its strides in elements (B, H, T);
+    copied only if its rows are not contiguous."""
+    view = np.asarray(x)
+    if view.strides[-1] != view.itemsize:
+        view = np.ascontiguousarray(view)
+    return view, _LONGS(*(s // view.itemsize for s in view.strides[:3]))
+
+
+def chunk_attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int, threads: int
+) -> mx.array:
+    """q (B, H, L, D), k and v (B, Hkv, offset + L, D), query i seeing positions
+    0 .. offset + i -> the attention output (B, L, H * D). Query heads h*rep .. h*rep+rep-1
+    share KV head h (GQA)."""
+    handle = kernel()
+    assert handle is not None, "chunk_attention needs the routing library"
+    b, heads, length, dim = q.shape
+    kv_heads, positions = k.shape[1], k.shape[2]
+    mx.eval(q, k, v)
+    (qn, qs), (kn, ks), (vn, vs) = (_rows(x) for x in (q, k, v))
+    out = np.empty((b, length, heads * dim), np.float32)
+    shape = (b, heads, kv_heads, length, positions, dim, offset)
+    done = handle.attention_prefill(
+        threads, *shape, scale, qn.ctypes.data, qs, kn.ctypes.data, ks, vn.ctypes.data, vs,
+        out.ctypes.data,
+    )  # fmt: skip
+    if done == -1:
+        raise MemoryError(f"attention of a {length}-token chunk at {offset}: out of memory")
+    if done != 0:
+        raise ValueError(f"attention kernel refused q {q.shape}, k {k.shape}, offset {offset}")
+    return mx.array(out)

@@ -1,0 +1,113 @@
+"""The tiled prefill attention kernel (csrc/attention.c) against a float64 reference computed
+here in numpy, and against MLX's own attention."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from shardcompute.parallel.host_attention import MIN_SCORES, chunk_attention, kernel, worth_it
+from shardcompute.parallel.kv import Positions
+
+pytestmark = pytest.mark.skipif(kernel() is None, reason="needs the routing library (a compiler)")
+
+
+def qkv(heads, kv_heads, length, offset, dim=32, batch=1, seed=0, spread=2.0):
+    mx.random.seed(seed)
+    q = mx.random.normal((batch, heads, length, dim)) * spread
+    k = mx.random.normal((batch, kv_heads, offset + length, dim)) * spread
+    v = mx.random.normal((batch, kv_heads, offset + length, dim))
+    return q, k, v
+
+
+def reference(q, k, v, scale, offset):
+    """Causal attention in float64: query i sees positions 0 .. offset + i."""
+    q, k, v = (np.array(x, np.float64) for x in (q, k, v))
+    batch, heads, length, dim = q.shape
+    rep = heads // k.shape[1]
+    seen = np.arange(k.shape[2])[None] <= offset + np.arange(length)[:, None]
+    out = np.zeros((batch, length, heads * dim))
+    for h in range(heads):
+        s = np.where(seen, q[:, h] @ k[:, h // rep].transpose(0, 2, 1) * scale, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[..., h * dim : (h + 1) * dim] = (p / p.sum(-1, keepdims=True)) @ v[:, h // rep]
+    return out
+
+
+def mlx_attention(q, k, v, scale, offset):
+    mask = Positions.chunk(0, offset, q.shape[2]).mask
+    o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return np.array(o.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1))
+
+
+@pytest.fixture
+def tiles():
+    """Set the kernel's tile sizes for a test and put the defaults back after."""
+    handle = kernel()
+    yield handle.attention_set_tiles
+    handle.attention_set_tiles(256, 192)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (6, 1)])
+@pytest.mark.parametrize("offset,length", [(0, 40), (200, 40), (37, 129)])
+def test_a_causal_chunk_equals_the_float64_reference(threads, heads, kv_heads, offset, length):
+    q, k, v = qkv(heads, kv_heads, length, offset)
+    want = reference(q, k, v, 0.2, offset)
+    got = np.array(chunk_attention(q, k, v, 0.2, offset, threads))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-6 * np.abs(want).max())
+    np.testing.assert_allclose(got, mlx_attention(q, k, v, 0.2, offset), rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("keys,rows", [(8, 1), (16, 7), (24, 30), (1024, 1000)])
+def test_any_tiling_computes_the_same(tiles, keys, rows):
+    """Tiles smaller than the chunk (many key tiles, blocks ending mid-chunk, tails shorter
+    than a vector) and larger than it."""
+    tiles(keys, rows)
+    q, k, v = qkv(9, 3, 45, 61, dim=24, batch=2, seed=3)
+    want = reference(q, k, v, 0.3, 61)
+    got = np.array(chunk_attention(q, k, v, 0.3, 61, 2))
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-6 * np.abs(want).max())
+
+
+def test_strided_views_of_a_cache_buffer():
+    """k and v as the used positions of a row of larger buffers (as a chunk's cache write
+    returns them), q with its heads and positions transposed: read in place."""
+    q, _, _ = qkv(6, 2, 30, 70, dim=64, seed=5)
+    mx.random.seed(6)
+    buffers = mx.random.normal((3, 2, 256, 64)), mx.random.normal((3, 2, 256, 64))
+    k, v = (b[1:2, :, :100, :] for b in buffers)
+    q = mx.contiguous(q.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)  # (B, H, L, D) strided
+    want = reference(q, k, v, 0.125, 70)
+    got = np.array(chunk_attention(q, k, v, 0.125, 70, 2))
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-6 * np.abs(want).max())
+
+
+def test_scores_far_apart_neither_overflow_nor_vanish():
+    """Scores spread over hundreds: e^x underflows for most terms of a row, and the running
+    maximum keeps the largest at e^0; no NaN or inf, and the result is still the reference's."""
+    q, k, v = qkv(4, 2, 33, 300, seed=7, spread=6.0)
+    want = reference(q, k, v, 1.0, 300)
+    got = np.array(chunk_attention(q, k, v, 1.0, 300, 2))
+    assert np.isfinite(got).all()
+    # Scores this large carry float32 rounding of their own (MLX's error is ~1e-5 of the range
+    # here): within twice MLX's error of the float64 reference.
+    mlx_error = np.abs(mlx_attention(q, k, v, 1.0, 300) - want).max()
+    assert np.abs(got - want).max() <= 2 * mlx_error
+
+
+def test_shapes_it_does_not_take_raise():
+    q, k, v = qkv(4, 2, 10, 20)
+    with pytest.raises(ValueError, match="attention kernel refused"):
+        chunk_attention(q, k, v, 0.2, 19, 2)  # keys for offset 20, not 19
+    with pytest.raises(ValueError, match="attention kernel refused"):
+        chunk_attention(q[:, :3], k, v, 0.2, 20, 2)  # 3 query heads over 2 KV heads
+
+
+def test_only_float32_chunks_with_enough_scores_take_it():
+    positions = -(-MIN_SCORES // (9 * 64))  # just enough scores
+    q, k, _ = qkv(9, 3, 64, positions - 64)
+    assert worth_it(q, k)
+    assert not worth_it(q[:, :, :1], k)  # one query: decode-shaped
+    assert not worth_it(q[:, :, :16], k)  # too few scores
+    assert not worth_it(q.astype(mx.bfloat16), k.astype(mx.bfloat16))
