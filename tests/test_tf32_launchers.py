@@ -70,3 +70,5 @@ def test_agent_engines(tmp_path, allow):
     finally:
         cluster.stop()
     assert [e.get(TF32) for e in envs] == ([None, None] if allow else ["0", "0"])
+    # The agent's engines also get the huge-pages tunable (tests/test_huge_pages.py).
+    assert all("glibc.malloc.hugetlb=1" in e.get("GLIBC_TUNABLES", "") for e in envs)

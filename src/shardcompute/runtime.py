@@ -57,6 +57,24 @@ def prepare_process(device: Device | None = None):
     return preload_blas()
 
 
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def with_huge_pages(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a rank process whose heap asks Linux for transparent huge pages: glibc's
+    malloc madvises its memory (the tunable is read at process start, so it goes in the
+    child's environment). A decode step streams every weight, and with 4 KiB pages it takes a
+    TLB miss every 4 KiB; measured on SmolLM2 f32, 2 cores: 1 row 31.8 -> 29.2 ms, 8 rows 54.8
+    -> 51.7 ms. Kept as it is if the tunable is set already, off Linux, or with
+    SHARDCOMPUTE_HUGE_PAGES=0."""
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if not sys.platform.startswith("linux") or env.get("SHARDCOMPUTE_HUGE_PAGES") == "0":
+        return env
+    if "glibc.malloc.hugetlb" in tunables:
+        return env
+    return {**env, "GLIBC_TUNABLES": ":".join(filter(None, (tunables, HUGE_PAGES_TUNABLE)))}
+
+
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from shardcompute._blas import blas_threads
 from shardcompute.errors import CollectiveError
+from shardcompute.runtime import with_huge_pages
 
 FOLLOWER_GRACE = 15.0  # seconds a follower may outlive a successful rank 0
 
@@ -60,13 +61,14 @@ def rank_env(
 ) -> dict:
     """Environment of a local rank (from `base`, default ours): for the ring, its rank and the
     hostfile; under mpirun, which sets the rank itself, neither. Every rank of the group runs on
-    this host, which sizes each one's BLAS threads (see `_blas`)."""
+    this host, which sizes each one's BLAS threads (see `_blas`). Its heap asks for huge pages
+    (`runtime.with_huge_pages`)."""
     env = dict(os.environ if base is None else base)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.update(MLX_WORLD_SIZE=str(world_size), SHARDCOMPUTE_LOCAL_RANKS=str(world_size))
     if rank is not None:
         env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
-    return env
+    return with_huge_pages(env)
 
 
 def mpi_available() -> bool:

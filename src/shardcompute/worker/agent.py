@@ -43,7 +43,7 @@ from shardcompute.protocol import (
     RegisterResponse,
     decode,
 )
-from shardcompute.runtime import detect_device
+from shardcompute.runtime import detect_device, with_huge_pages
 
 log = logging.getLogger("shardcompute.worker")
 
@@ -153,7 +153,7 @@ class EngineProcess:
         env = {**self._env, "MLX_RANK": str(assignment.rank), "MLX_HOSTFILE": str(hostfile)}
         env["SHARDCOMPUTE_LOCAL_RANKS"] = str(local_ranks(assignment))
         # The dtype policy's switches, set before the engine loads MLX (TF32 off for float32).
-        env = policy_env(resolve(assignment.dtype, detect_device()), env)
+        env = policy_env(resolve(assignment.dtype, detect_device()), with_huge_pages(env))
         cmd = [*self._command, "--assignment", str(path)]
         log.info(
             "starting engine rank %d of generation %d: %s",
