@@ -111,3 +111,4 @@ def test_only_float32_chunks_with_enough_scores_take_it():
     assert not worth_it(q[:, :, :1], k)  # one query: decode-shaped
     assert not worth_it(q[:, :, :16], k)  # too few scores
     assert not worth_it(q.astype(mx.bfloat16), k.astype(mx.bfloat16))
+    assert not worth_it(q, k.astype(mx.bfloat16))  # a cache of another dtype

@@ -43,7 +43,8 @@ def worth_it(q: mx.array, k: mx.array) -> bool:
     """Whether a chunk's attention should take the kernel: float32, several queries, and
     enough scores to pay for leaving the graph."""
     _, heads, length, _ = q.shape
-    return length > 1 and q.dtype == mx.float32 and heads * length * k.shape[2] >= MIN_SCORES
+    f32 = q.dtype == k.dtype == mx.float32
+    return length > 1 and f32 and heads * length * k.shape[2] >= MIN_SCORES
 
 
 def _rows(x: mx.array) -> tuple[np.ndarray, _LONGS]:
