@@ -5,7 +5,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from shardcompute import _blas
 from shardcompute.parallel.host_attention import MIN_SCORES, chunk_attention, kernel, worth_it
+from shardcompute.parallel.kernels import Kernels
 from shardcompute.parallel.kv import Positions
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="needs the routing library (a compiler)")
@@ -112,3 +114,11 @@ def test_only_float32_chunks_with_enough_scores_take_it():
     assert not worth_it(q[:, :, :16], k)  # too few scores
     assert not worth_it(q.astype(mx.bfloat16), k.astype(mx.bfloat16))
     assert not worth_it(q, k.astype(mx.bfloat16))  # a cache of another dtype
+
+
+def test_cpu_ranks_take_it_unless_switched_off(monkeypatch):
+    """Where the routing library is loaded (every CPU rank here), prefill attention takes the
+    kernel on the rank's BLAS threads; SHARDCOMPUTE_HOST_ATTENTION=0 keeps it in MLX."""
+    assert Kernels.for_device(mx.cpu).host_attention_threads == _blas.loaded.threads
+    monkeypatch.setenv("SHARDCOMPUTE_HOST_ATTENTION", "0")
+    assert Kernels.for_device(mx.cpu).host_attention_threads == 0
