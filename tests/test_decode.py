@@ -25,11 +25,11 @@ ARGS = ModelArgs(
 
 
 def random_model(
-    seed: int = 0, quant: dict | None = None, compiled: bool = True, host_attention: int = 0
+    seed: int = 0, quant: dict | None = None, compiled: bool = True, host_threads: int = 0
 ) -> Model:
     mx.random.seed(seed)
     kernels = Kernels.for_device()
-    kernels = Kernels(kernels.fused_rope, compiled, host_attention)
+    kernels = Kernels(kernels.fused_rope, compiled, host_threads)
     model = Model(ARGS, make_plan(ARGS, 1), mx.float32, kernels=kernels)
     model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.2, model.parameters()))
     if quant:
@@ -87,13 +87,16 @@ def test_a_batch_of_rows_each_at_its_own_position(compiled):
     assert cache.rows == 4  # rows come in powers of two; row 1 sat idle
 
 
-@pytest.mark.parametrize("host_attention", [0, 2])
-def test_packed_chunks_of_several_rows_in_one_pass(host_attention):
+@pytest.mark.parametrize("host_threads", [0, 2])
+def test_packed_chunks_of_several_rows_in_one_pass(host_threads):
     """Chunks of three rows at different depths (one starting, two part-way, one long enough
-    for the tiled attention kernel) in one pass: each chunk's hidden states equal its row's sequence
-    alone, and the cache holds what separate prefills would have stored, so the rows then
-    decode together to their own sequences' states."""
-    model = random_model(host_attention=host_attention)
+    for the tiled attention kernel) in one pass: each chunk's hidden states equal its row's
+    sequence alone, and the cache holds what separate prefills would have stored, so the rows
+    then decode together to their own sequences' states. With the host kernels, the model's
+    projections are fused (SwiGLU takes its kernel only then), against the plain model in MLX."""
+    model, reference = random_model(host_threads=host_threads), random_model()
+    if host_threads:
+        model.fuse_projections()
     rng = np.random.default_rng(4)
     seqs = {0: 600, 1: 9, 3: 150}
     seqs = {slot: rng.integers(0, ARGS.vocab_size, n).tolist() for slot, n in seqs.items()}
@@ -105,21 +108,22 @@ def test_packed_chunks_of_several_rows_in_one_pass(host_attention):
     hs = model.prefill_packed(chunks, cache)
     assert cache.lengths == {slot: len(ids) for slot, ids in seqs.items()}
     for (slot, chunk), h in zip(chunks, hs, strict=True):
-        want = model.hidden(mx.array([seqs[slot]]))[:, -len(chunk) :]
+        want = reference.hidden(mx.array([seqs[slot]]))[:, -len(chunk) :]
         assert h.shape == want.shape and close(h, want), slot
     h = model.decode({slot: 7 for slot in seqs}, cache)
     for i, ids in enumerate(seqs.values()):
-        assert close(h[i : i + 1], model.hidden(mx.array([ids + [7]]))[:, -1:]), i
+        assert close(h[i : i + 1], reference.hidden(mx.array([ids + [7]]))[:, -1:]), i
     with pytest.raises(ValueError, match="one chunk per row"):
         model.prefill_packed([(1, [1, 2]), (1, [3])], cache)
 
 
-def test_long_prefill_chunks_in_the_tiled_attention_kernel():
-    """Chunks of a prompt take parallel/host_attention.py: the same hidden states as the
-    uncached forward (MLX's own attention) over the whole prompt."""
-    model = random_model(host_attention=2)
+def test_long_prefill_chunks_in_the_host_kernels():
+    """Chunks of a prompt take parallel/host_kernels.py (attention and SwiGLU): the same hidden
+    states as the plain model's uncached forward in MLX over the whole prompt."""
+    model = random_model(host_threads=2)
+    model.fuse_projections()
     ids = np.random.default_rng(3).integers(0, ARGS.vocab_size, 520).tolist()
-    want = model.hidden(mx.array([ids]))
+    want = random_model().hidden(mx.array([ids]))
     cache = model.make_cache()
     for start in (0, 260):  # the second chunk: 4 heads x 260 queries x 520 positions
         got = model.prefill(mx.array([ids[start : start + 260]]), cache, 0)

@@ -11,8 +11,9 @@ symbol table, and the wheel bundles a slow reference BLAS. Two levers, in order 
    2-3x faster there than `sgemm`, and all else to `sgemm`. The OpenBLAS behind it is the
    `scipy-openblas32` wheel when installed (a recent release, prefixed symbols), else the
    system's.
-   The same library carries the tiled prefill attention kernel (`csrc/attention.c`, used by
-   parallel/host_attention.py), which runs OpenBLAS on its OpenMP threads the same way.
+   The same library carries a prefill chunk's kernels, used by parallel/host_kernels.py: the
+   tiled attention (`csrc/attention.c`, OpenBLAS on its OpenMP threads the same way) and
+   SwiGLU's activation (`csrc/swiglu.c`).
 2. Without a C compiler: the system OpenBLAS (`libopenblas0-pthread`) loaded RTLD_GLOBAL.
 
 `SHARDCOMPUTE_OPENBLAS=0` skips both; `SHARDCOMPUTE_GEMV_ROUTE=0` skips the router only.
@@ -46,7 +47,9 @@ SYSTEM_OPENBLAS = (
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "libopenblas.so.0",
 )
-ROUTE_SOURCES = tuple(Path(__file__).parent / "csrc" / f for f in ("gemv_route.c", "attention.c"))
+CSRC = Path(__file__).parent / "csrc"
+ROUTE_SOURCES = tuple(CSRC / f for f in ("gemv_route.c", "attention.c", "swiglu.c"))
+ROUTE_HEADERS = (CSRC / "vec.h",)
 
 
 @dataclass
@@ -129,7 +132,7 @@ def _cpu_signature() -> str:
 def build_router() -> Path | None:
     """Compile the routing library once per source version and CPU; None without a C
     compiler."""
-    source = b"".join(path.read_bytes() for path in ROUTE_SOURCES)
+    source = b"".join(path.read_bytes() for path in ROUTE_SOURCES + ROUTE_HEADERS)
     key = hashlib.sha256(source + _cpu_signature().encode()).hexdigest()[:12]
     target = _cache_dir() / f"gemv_route-{key}.so"
     if target.exists():

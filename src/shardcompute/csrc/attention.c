@@ -19,6 +19,8 @@
 #include <omp.h>
 #endif
 
+#include "vec.h"
+
 /* From gemv_route.c: OpenBLAS's row-major sgemm on the calling thread. */
 void route_sgemm_serial(int ta, int tb, int m, int n, int k, float alpha, const float *a, int lda,
                         const float *b, int ldb, float beta, float *c, int ldc);
@@ -26,52 +28,12 @@ void route_blas_single_thread(void);
 
 enum { NO_TRANS = 111, TRANS = 112 };
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef int v8i __attribute__((vector_size(32)));
-
 static int key_tile = 256;  /* keys per tile */
 static int query_rows = 192; /* query rows (heads x positions) per task, at most */
 
 void attention_set_tiles(int keys, int rows) {
   if (keys >= 8) key_tile = keys & ~7;
   if (rows >= 1) query_rows = rows;
-}
-
-static inline v8 load8(const float *p) {
-  v8 v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
-
-static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
-
-static inline v8 vmax(v8 a, v8 b) { /* C has no vector ?:, so select through the bits */
-  v8i more = a > b;
-  return (v8)(((v8i)a & more) | ((v8i)b & ~more));
-}
-
-/* e^x for x <= 0 (scores minus their row's maximum), to about 2 ulp: x = n ln2 + r with
- * |r| <= ln2 / 2, e^r by its degree-6 polynomial (Cephes' expf), times 2^n through the
- * exponent bits. Below -87 the result is clamped to e^-87 (1.6e-38), nothing against the
- * row's largest term, e^0 = 1. */
-static inline v8 exp8(v8 x) {
-  x = vmax(x, splat(-87.0f));
-  const v8 shift = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-  v8 n = (x * splat(1.44269504088896341f) + shift) - shift;
-  v8 r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-  v8 p = splat(1.9875691500e-4f);
-  p = p * r + splat(1.3981999507e-3f);
-  p = p * r + splat(8.3334519073e-3f);
-  p = p * r + splat(4.1665795894e-2f);
-  p = p * r + splat(1.6666665459e-1f);
-  p = p * r + splat(5.0000001201e-1f);
-  p = p * r * r + r + splat(1.0f);
-  v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  v8 scale;
-  memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
 }
 
 static float row_max(const float *s, int n) {

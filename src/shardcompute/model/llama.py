@@ -64,10 +64,8 @@ class TransformerBlock(nn.Module):
             for n in ("q_proj", "k_proj", "v_proj", "o_proj")
         }
         mlp_q = {n: quant.get(f"{prefix}.mlp.{n}") for n in ("gate_proj", "up_proj", "down_proj")}
-        self.self_attn = ParallelAttention(
-            args, slices, comm, attn_q, dtype, kernels.host_attention_threads
-        )
-        self.mlp = ParallelMLP(args, slices, comm, mlp_q, dtype)
+        self.self_attn = ParallelAttention(args, slices, comm, attn_q, dtype, kernels.host_threads)
+        self.mlp = ParallelMLP(args, slices, comm, mlp_q, dtype, kernels.host_threads)
         self.input_layernorm = rms_norm(args, dtype)
         self.post_attention_layernorm = rms_norm(args, dtype)
 

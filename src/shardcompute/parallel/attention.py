@@ -8,7 +8,7 @@ import mlx.nn as nn
 from shardcompute.collectives.group import Collectives
 from shardcompute.dtypes import QuantSpec
 from shardcompute.model_spec import ModelArgs
-from shardcompute.parallel.host_attention import chunk_attention, worth_it
+from shardcompute.parallel.host_kernels import chunk_attention, worth_it
 from shardcompute.parallel.kv import LayerKV, Packed, Positions
 from shardcompute.parallel.linear import ColumnParallelLinear, RowParallelLinear, fuse_columns
 from shardcompute.parallel.plan import RankSlices
@@ -24,10 +24,10 @@ class ParallelAttention(nn.Module):
         comm: Collectives,
         quant: dict[str, QuantSpec | None],
         dtype: mx.Dtype,
-        host_attention_threads: int = 0,
+        host_threads: int = 0,
     ):
         super().__init__()
-        self.host_attention_threads = host_attention_threads  # see parallel/kernels.py
+        self.host_threads = host_threads  # see parallel/kernels.py
         hd = args.head_dim
         self.head_dim = hd
         self.local_num_heads = slices.local_num_heads
@@ -76,8 +76,8 @@ class ParallelAttention(nn.Module):
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
             return merge_heads(o)
         k, v = pos.write(kv, k, v)  # (B, local_kv_heads, positions seen, head_dim)
-        if self.host_attention_threads and isinstance(pos.offset, int) and worth_it(q, k):
-            return chunk_attention(q, k, v, self.scale, pos.offset, self.host_attention_threads)
+        if self.host_threads and isinstance(pos.offset, int) and worth_it(q, k):
+            return chunk_attention(q, k, v, self.scale, pos.offset, self.host_threads)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=pos.mask)
         return merge_heads(o)
 

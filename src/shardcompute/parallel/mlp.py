@@ -8,6 +8,7 @@ import mlx.nn as nn
 from shardcompute.collectives.group import Collectives
 from shardcompute.dtypes import QuantSpec
 from shardcompute.model_spec import ModelArgs
+from shardcompute.parallel.host_kernels import swiglu, swiglu_worth_it
 from shardcompute.parallel.linear import ColumnParallelLinear, RowParallelLinear, fuse_columns
 from shardcompute.parallel.plan import RankSlices
 
@@ -22,8 +23,10 @@ class ParallelMLP(nn.Module):
         comm: Collectives,
         quant: dict[str, QuantSpec | None],
         dtype: mx.Dtype,
+        host_threads: int = 0,
     ):
         super().__init__()
+        self.host_threads = host_threads  # see parallel/kernels.py
         units, bias, h = slices.intermediate, args.mlp_bias, args.hidden_size
         self.gate_proj = ColumnParallelLinear(h, units, bias, quant["gate_proj"], dtype)
         self.up_proj = ColumnParallelLinear(h, units, bias, quant["up_proj"], dtype)
@@ -35,7 +38,10 @@ class ParallelMLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:
-            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+            gate_up = self.gate_up_proj(x)  # (B, L, 2 * local_intermediate)
+            if self.host_threads and swiglu_worth_it(gate_up):
+                return self.down_proj(swiglu(gate_up, self.host_threads))
+            gate, up = mx.split(gate_up, 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(nn.silu(gate) * up)  # silu(gate) * up: (B, L, local_intermediate)

@@ -1,12 +1,22 @@
-"""The tiled prefill attention kernel (csrc/attention.c) against a float64 reference computed
-here in numpy, and against MLX's own attention."""
+"""The prefill kernels of the routing library, the tiled attention (csrc/attention.c) and
+SwiGLU (csrc/swiglu.c), against float64 references computed here in numpy and against MLX's
+own ops."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from shardcompute import _blas
-from shardcompute.parallel.host_attention import MIN_SCORES, chunk_attention, kernel, worth_it
+from shardcompute.parallel.host_kernels import (
+    MIN_ROWS,
+    MIN_SCORES,
+    chunk_attention,
+    kernel,
+    swiglu,
+    swiglu_worth_it,
+    worth_it,
+)
 from shardcompute.parallel.kernels import Kernels
 from shardcompute.parallel.kv import Positions
 
@@ -116,9 +126,50 @@ def test_only_float32_chunks_with_enough_scores_take_it():
     assert not worth_it(q, k.astype(mx.bfloat16))  # a cache of another dtype
 
 
-def test_cpu_ranks_take_it_unless_switched_off(monkeypatch):
-    """Where the routing library is loaded (every CPU rank here), prefill attention takes the
-    kernel on the rank's BLAS threads; SHARDCOMPUTE_HOST_ATTENTION=0 keeps it in MLX."""
-    assert Kernels.for_device(mx.cpu).host_attention_threads == _blas.loaded.threads
-    monkeypatch.setenv("SHARDCOMPUTE_HOST_ATTENTION", "0")
-    assert Kernels.for_device(mx.cpu).host_attention_threads == 0
+def test_cpu_ranks_take_them_unless_switched_off(monkeypatch):
+    """Where the routing library is loaded (every CPU rank here), prefill's attention and
+    SwiGLU take the kernels on the rank's BLAS threads; SHARDCOMPUTE_HOST_KERNELS=0 keeps them
+    in MLX."""
+    assert Kernels.for_device(mx.cpu).host_threads == _blas.loaded.threads
+    monkeypatch.setenv("SHARDCOMPUTE_HOST_KERNELS", "0")
+    assert Kernels.for_device(mx.cpu).host_threads == 0
+
+
+def swiglu_reference(gate_up):
+    g, u = np.split(np.array(gate_up, np.float64), 2, axis=-1)
+    return g / (1 + np.exp(-g)) * u
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(1, 256, 2 * 1536), (1, 37, 2 * 131), (2, 20, 2 * 5)])
+def test_swiglu_equals_the_float64_reference(threads, shape):
+    """Rows split between threads, units not a multiple of the vector width, gates from -90
+    (e^90 would overflow a naive sigmoid) to +90: as close to float64 as MLX's own."""
+    mx.random.seed(8)
+    gate_up = mx.random.normal(shape) * 30
+    gate_up[..., 0] = -90.0
+    gate_up[..., 1] = 90.0
+    want = swiglu_reference(gate_up)
+    got = np.array(swiglu(gate_up, threads))
+    g, u = mx.split(gate_up, 2, axis=-1)
+    mlx_error = np.abs(np.array(nn.silu(g) * u) - want).max()
+    assert got.shape == want.shape and np.isfinite(got).all()
+    assert np.abs(got - want).max() <= max(2 * mlx_error, 1e-6 * np.abs(want).max())
+
+
+def test_swiglu_reads_a_strided_projection():
+    """A gate-and-up projection that is a view with rows apart (a slice of a wider buffer)."""
+    mx.random.seed(9)
+    wide = mx.random.normal((1, 40, 2 * 64 + 10))
+    gate_up = wide[..., : 2 * 64]
+    np.testing.assert_allclose(
+        np.array(swiglu(gate_up, 2)), swiglu_reference(gate_up), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_only_float32_prefill_passes_take_swiglu():
+    gate_up = mx.zeros((1, MIN_ROWS, 64))
+    assert swiglu_worth_it(gate_up)
+    assert not swiglu_worth_it(mx.zeros((1, MIN_ROWS - 1, 64)))  # too few tokens
+    assert not swiglu_worth_it(mx.zeros((64, 1, 64)))  # a decode step: one token per row
+    assert not swiglu_worth_it(gate_up.astype(mx.bfloat16))
