@@ -65,7 +65,7 @@ static float exp_row(float *s, int n, float top) {
       sum[i] += e[i];
     }
   }
-  return ((sum[0] + sum[1]) + (sum[2] + sum[3])) + ((sum[4] + sum[5]) + (sum[6] + sum[7]));
+  return sum8(sum);
 }
 
 typedef struct {

@@ -24,6 +24,8 @@
 #include <omp.h>
 #endif
 
+#include "vec.h"
+
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int,
@@ -82,18 +84,6 @@ void gemv_route_set_skinny(int m) { skinny_m = m; }
 /* ---- small_nt: C[m,n] = alpha A[m,k] B[n,k]^T + beta C, row-major, for a few rows m ---- */
 
 static int small_m = 16; /* the most rows that take small_nt (0: never) */
-
-typedef float v8 __attribute__((vector_size(32)));
-
-static inline v8 load8(const float *p) {
-  v8 v;
-  memcpy(&v, p, sizeof v); /* an unaligned vector load */
-  return v;
-}
-
-static inline float sum8(v8 v) {
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
 
 static inline void store(float *c, float dot, float alpha, float beta) {
   *c = beta == 0.0f ? alpha * dot : alpha * dot + beta * *c;

@@ -10,11 +10,16 @@ typedef int v8i __attribute__((vector_size(32)));
 
 static inline v8 load8(const float *p) {
   v8 v;
-  memcpy(&v, p, sizeof v);
+  memcpy(&v, p, sizeof v); /* an unaligned vector load */
   return v;
 }
 
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
+/* The lanes' sum, in a fixed order (pairs, then pairs of pairs). */
+static inline float sum8(v8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
 
 static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
 

@@ -35,13 +35,18 @@ def kernel() -> ctypes.CDLL | None:
     handle = _blas.loaded.handle if _blas.loaded else None
     if handle is None or not hasattr(handle, "swiglu_rows"):
         return None
+    if handle.swiglu_rows.argtypes is None:  # declared once: chunks call this every layer
+        _declare(handle)
+    return handle
+
+
+def _declare(handle: ctypes.CDLL) -> None:
     strided = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_long)]
     handle.attention_prefill.argtypes = (
         [ctypes.c_int] * 8 + [ctypes.c_float] + strided * 3 + [ctypes.c_void_p]
     )
     handle.swiglu_rows.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
     handle.swiglu_rows.argtypes += [ctypes.c_long, ctypes.c_void_p]
-    return handle
 
 
 def worth_it(q: mx.array, k: mx.array) -> bool:
