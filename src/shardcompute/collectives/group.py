@@ -52,6 +52,26 @@ class Collectives:
         self.seconds: defaultdict[str, float] = defaultdict(float)
         self.bytes: Counter[str] = Counter()
 
+    @classmethod
+    def pending(cls, rank: int, size: int, profile: bool = False) -> Collectives:
+        """Collectives whose group is joined later (`join`): a ring engine loads its slice,
+        which needs only its rank, before the group forms (see `rendezvous`)."""
+        comm = cls(None, profile)
+        comm.rank, comm.size = rank, size
+        return comm
+
+    def join(self, group: mx.distributed.Group | None) -> None:
+        """Take the formed group; it must be the rank and size this was made for."""
+        ranks = (group.rank(), group.size()) if group is not None else (0, 1)
+        if ranks != (self.rank, self.size):
+            from shardcompute.errors import CollectiveError
+
+            raise CollectiveError(
+                f"the group formed as rank {ranks[0]} of {ranks[1]}, "
+                f"expected rank {self.rank} of {self.size}"
+            )
+        self.group = group
+
     def reset_stats(self) -> None:
         self.counts.clear()
         self.seconds.clear()
@@ -123,6 +143,8 @@ class Collectives:
         self.bytes[name] += x.nbytes
         if self.size == 1:
             return x
+        if self.group is None:  # MLX would form a default group of its own here
+            raise RuntimeError(f"{name} before this rank joined its group (Collectives.join)")
         if not self.profile:
             return op(x)
         mx.eval(x)

@@ -51,6 +51,9 @@ ENGINE_COMMAND_ENV = "SHARDCOMPUTE_ENGINE_COMMAND"
 # After a failed heartbeat or a new registration, beat again this soon, not an interval
 # later: a restarted coordinator then hears from us (and our engine's PID) at once.
 RETRY_SECONDS = 0.5
+# How often the agent looks at its engine between beats: an engine that exits is reported at
+# once, not up to an interval later, so the group is re-formed that much sooner.
+WATCH_SECONDS = 0.05
 DEFAULT_ENGINE_COMMAND = [sys.executable, "-m", "shardcompute.worker.engine"]
 
 
@@ -254,10 +257,18 @@ class Agent:
             self.register()
             while not stop.is_set():
                 steady = self.beat()
-                stop.wait(self.interval if steady else RETRY_SECONDS)
+                self._pause(self.interval if steady else min(self.interval, RETRY_SECONDS), stop)
         finally:
             self.engine.stop()
             self._http.close()
+
+    def _pause(self, seconds: float, stop: threading.Event) -> None:
+        """Until the next beat is due, or sooner if the engine exits meanwhile."""
+        deadline = time.monotonic() + seconds
+        running = self.engine.state()[0] == "running"
+        while not stop.wait(min(WATCH_SECONDS, max(deadline - time.monotonic(), 0))):
+            if time.monotonic() >= deadline or (running and self.engine.state()[0] != "running"):
+                return
 
     def register(self) -> None:
         """Join the cluster, retrying while the coordinator is unreachable. Joining again, it
@@ -299,7 +310,8 @@ class Agent:
 
     def beat(self) -> bool:
         """One heartbeat; start, restart or stop the engine as the reply says. False when
-        the next one should come soon: this one failed, or we just registered again."""
+        the next one should come soon: this one failed, we just registered again, or the
+        cluster is not ready (it is re-forming, and may have a new generation for us)."""
         state, code = self.engine.state()
         beat = Heartbeat(
             generation=self.engine.generation,
@@ -325,7 +337,9 @@ class Agent:
         self.loaded = reply.loaded and self.engine.generation == (
             reply.assignment.generation if reply.assignment else None
         )
-        return True
+        # While the cluster re-forms, beat as if retrying: a new generation reaches this
+        # worker within RETRY_SECONDS, not a whole interval later.
+        return reply.cluster_state == "ready"
 
     def _register_again(self) -> None:
         # The engine keeps running: a restarted coordinator may adopt its group whole.

@@ -24,21 +24,22 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
 from shardcompute.collectives.group import Collectives, init_group
+from shardcompute.collectives.rendezvous import Rendezvous
 from shardcompute.config import EngineConfig
 from shardcompute.engine.job import ModelSpec
 from shardcompute.engine.leader import EngineLeader
-from shardcompute.engine.rank_main import load_spec, stop_ids
+from shardcompute.engine.rank_main import load_spec, stop_ids, tokenizer_for
 from shardcompute.engine.runner import PROFILE_EVERY, CollectiveSample, Runner, StepLoop
 from shardcompute.engine.scheduler import Scheduler, SchedulerConfig
 from shardcompute.kv_layout import CAPACITY_STEP, row_bucket
 from shardcompute.model.llama import Model, collectives_per_forward
-from shardcompute.model.metadata import read_model_info
 from shardcompute.protocol import CLUSTER_TOKEN_ENV, Assignment, LoadedReport, WorkerMetrics, decode
 from shardcompute.runtime import mlx_device
 from shardcompute.worker.queue_client import QueueClient
@@ -155,19 +156,22 @@ class Reporter:
 
 
 def run(a: Assignment, token: str) -> None:
-    """Join the group, load the shard, report loaded, and serve until told to stop."""
+    """Load the shard in its group, report loaded, and serve until told to stop."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     start = time.perf_counter()
-    comm = Collectives(init_group(a.backend, a.world_size))
     spec = spec_of(a)
-    model = load_spec(spec, comm)
-    warm_up(model, a.engine.max_batch_size)
-    budget = kv_budget(model, a.engine)
-    client = QueueClient(a, token)
-    totals, leader, io = Totals(), None, None
-    if comm.rank == 0:
-        leader, io = lead(a, model, client, budget)
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as pool:
+        # Rank 0's tokenizer (a second or more: transformers' import) loads beside the weights:
+        # MLX releases the GIL while it evaluates, so this is off a restart's critical path.
+        tokenizer = pool.submit(tokenizer_for, spec) if a.rank == 0 else None
+        model = load_in_group(a, spec)
+        warm_up(model, a.engine.max_batch_size)
+        budget = kv_budget(model, a.engine)
+        client = QueueClient(a, token)
+        totals, leader, io = Totals(), None, None
+        if tokenizer is not None:
+            leader, io = lead(a, model, client, budget, tokenizer.result())
     reporter = Reporter(client, totals, leader.scheduler if leader else None)
     loaded = LoadedReport(
         generation=a.generation,
@@ -182,15 +186,33 @@ def run(a: Assignment, token: str) -> None:
     if not client.loaded(loaded):
         return
     log.info("rank %d of %d loaded %s as %s; KV budget %d positions",
-             comm.rank, comm.size, spec.model, model.policy.describe(), budget)  # fmt: skip
+             a.rank, a.world_size, spec.model, model.policy.describe(), budget)  # fmt: skip
     reporter.start()
     if io is not None:
         io.start()
     serve(model, a, leader, io, client, totals, stop)
-    log.info("rank %d exiting", comm.rank)
+    log.info("rank %d exiting", a.rank)
 
 
-def lead(a: Assignment, model: Model, client: QueueClient, budget: int):
+def load_in_group(a: Assignment, spec: ModelSpec) -> Model:
+    """This rank's model, in its group. Ring ranks load first and meet, then form the group
+    (collectives/rendezvous.py): the ring then forms at once, where MLX's connect back-off
+    cost a restart about a second. Other backends form the group first."""
+    if a.backend != "ring" or a.world_size == 1:
+        return load_spec(spec, Collectives(init_group(a.backend, a.world_size)))
+    meeting = Rendezvous(a.hostfile, a.rank, a.generation)
+    meeting.open()
+    try:
+        comm = Collectives.pending(a.rank, a.world_size)
+        model = load_spec(spec, comm)
+        meeting.meet()
+    finally:
+        meeting.close()
+    comm.join(init_group(a.backend, a.world_size))
+    return model
+
+
+def lead(a: Assignment, model: Model, client: QueueClient, budget: int, tokenizer):
     """Rank 0's scheduler, leader and serving threads."""
     engine = a.engine
     config = SchedulerConfig(
@@ -199,9 +221,8 @@ def lead(a: Assignment, model: Model, client: QueueClient, budget: int):
         prefill_chunk=engine.prefill_chunk or PREFILL_CHUNK[mlx_device()],
     )
     leader = EngineLeader(Scheduler(config), sink=lambda events: None)
-    info = read_model_info(spec_of(a).model, a.shard_dir)
-    stops = frozenset(stop_ids(info.tokenizer, model))
-    io = ServingIO(leader, client, Preparer(info.tokenizer, model.args, stops, Faults.from_env()))
+    stops = frozenset(stop_ids(tokenizer, model))
+    io = ServingIO(leader, client, Preparer(tokenizer, model.args, stops, Faults.from_env()))
     leader.sink = io.sink
     return leader, io
 
